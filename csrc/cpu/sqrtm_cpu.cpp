@@ -1,0 +1,201 @@
+// sqrtm on the CPU: iSQRT, the coupled Newton-Schulz iteration of SPEC section 2.
+//
+//   t = tr(S), A = S / t
+//   N = 1:  Y = 0.5 A (3I - A)
+//   N >= 2: T0 = 0.5 (3I - A); Y1 = A T0; Z1 = T0
+//           Tk = 0.5 (3I - Zk Yk); Y(k+1) = Yk Tk; Z(k+1) = Tk Zk      k = 1 .. N-2
+//           Y = Y(N-1) T(N-1),  T(N-1) = 0.5 (3I - Z(N-1) Y(N-1))
+//   out = sqrt(t) Y
+//
+// Every iterate is a polynomial in A: symmetric, and all of them commute. So each product
+// of the forward has a symmetric result and only its block upper triangle is computed,
+// and the backward needs no transposes. t = 0 (a zero matrix) gives out = 0 and dS = 0.
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "common.h"
+
+namespace mpncov {
+namespace {
+
+// Per-sample trace and the divisor used in its place: t itself, or 1 where t == 0 so
+// that a zero matrix stays zero instead of becoming 0/0.
+struct Traces {
+  at::Tensor t;        // (B) the true trace
+  at::Tensor divisor;  // (B) t, or 1 where t == 0
+};
+
+Traces traces(const at::Tensor& s) {
+  at::Tensor t = s.diagonal(0, 1, 2).sum(-1);
+  return {t, at::where(t == 0, at::ones_like(t), t)};
+}
+
+// m[b] = a * I + c * m[b] for every sample (the elementwise step 0.5 (3I - P) and kin).
+void scale_add_identity(at::Tensor& m, double c, double a) {
+  m.mul_(c);
+  m.diagonal(0, 1, 2).add_(a);
+}
+
+void check_iters(int64_t iters, const char* op) {
+  TORCH_CHECK_VALUE(iters >= 1, "mpncov.", op, ": iters must be >= 1, got ", iters);
+}
+
+std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t iters) {
+  check_square(s_in, "sqrtm", "s");
+  check_iters(iters, "sqrtm");
+  const int64_t B = s_in.size(0), C = s_in.size(1), N = iters;
+  const auto ct = compute_dtype(s_in.scalar_type());
+  at::Tensor saved = at::empty({B, 3 * (N - 1) + 1, C, C}, s_in.options().dtype(ct));
+  if (B == 0 || C == 0) return {at::empty({B, C, C}, s_in.options()), saved};
+
+  at::Tensor s = s_in.to(ct).contiguous();
+  Traces tr = traces(s);
+  at::Tensor a = s / tr.divisor.view({B, 1, 1});
+  at::Tensor y_final = saved.select(1, 3 * (N - 1));
+  if (N == 1) {
+    // Y = 0.5 A (3I - A) = 1.5 A - 0.5 A A
+    y_final.copy_(a);
+    batched_product(y_final, a, a, -0.5, 1.5, /*upper=*/true);
+    mirror_upper(y_final);
+  } else {
+    auto Y = [&](int64_t k) { return saved.select(1, k - 1); };           // k = 1..N-1
+    auto Z = [&](int64_t k) { return saved.select(1, N - 1 + k - 1); };
+    auto T = [&](int64_t k) { return saved.select(1, 2 * (N - 1) + k - 1); };
+    // First step: Z1 = T0 = 0.5 (3I - A), Y1 = A T0.
+    at::Tensor z1 = Z(1);
+    z1.copy_(a);
+    scale_add_identity(z1, -0.5, 1.5);
+    at::Tensor y1 = Y(1);
+    batched_product(y1, a, z1, 1.0, 0.0, true);
+    mirror_upper(y1);
+    for (int64_t k = 1; k <= N - 1; ++k) {
+      // Tk = 1.5 I - 0.5 Zk Yk
+      at::Tensor tk = T(k);
+      tk.zero_();
+      tk.diagonal(0, 1, 2).fill_(1.5);
+      batched_product(tk, Z(k), Y(k), -0.5, 1.0, true);
+      mirror_upper(tk);
+      at::Tensor ynext = (k == N - 1) ? y_final : Y(k + 1);
+      batched_product(ynext, Y(k), tk, 1.0, 0.0, true);
+      mirror_upper(ynext);
+      if (k < N - 1) {
+        at::Tensor znext = Z(k + 1);
+        batched_product(znext, tk, Z(k), 1.0, 0.0, true);
+        mirror_upper(znext);
+      }
+    }
+  }
+  // Post-compensation: out = sqrt(t) Y, with sqrt(0) = 0 for the zero matrix.
+  at::Tensor out = y_final * tr.t.clamp_min(0).sqrt().view({B, 1, 1});
+  return {out.to(s_in.scalar_type()), saved};
+}
+
+// dL/dA from GY = dL/dY by the reverse recurrence (SPEC section 2). With `sym` the incoming
+// gradient is symmetric, so every dY, dZ and dA is symmetric and only their block upper
+// triangles are computed; dT is not symmetric and is computed in full.
+at::Tensor sqrtm_grad_a(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& saved,
+                        int64_t N, bool sym) {
+  if (N == 1) {
+    // dA = 0.5 (GY (3I - A) - A GY) = 1.5 GY - 0.5 GY A - 0.5 A GY
+    at::Tensor da = gy * 1.5;
+    batched_product(da, gy, a, -0.5, 1.0, sym);
+    batched_product(da, a, gy, -0.5, 1.0, sym);
+    if (sym) mirror_upper(da);
+    return da;
+  }
+  auto Y = [&](int64_t k) { return saved.select(1, k - 1); };
+  auto Z = [&](int64_t k) { return saved.select(1, N - 1 + k - 1); };
+  auto T = [&](int64_t k) { return saved.select(1, 2 * (N - 1) + k - 1); };
+  const auto B = gy.size(0), C = gy.size(1);
+  at::Tensor dt = at::empty({B, C, C}, gy.options());
+  at::Tensor dy = at::empty({B, C, C}, gy.options());
+  at::Tensor dz = at::empty({B, C, C}, gy.options());
+  at::Tensor dy_next = at::empty({B, C, C}, gy.options());
+  at::Tensor dz_next = at::empty({B, C, C}, gy.options());
+  // Last step, Y = Y(N-1) T(N-1):
+  //   dT = Y(N-1) GY;  dY = GY T(N-1) - 0.5 Z(N-1) dT;  dZ = -0.5 dT Y(N-1)
+  const int64_t L = N - 1;
+  batched_product(dt, Y(L), gy, 1.0, 0.0, false);
+  batched_product(dy, gy, T(L), 1.0, 0.0, sym);
+  batched_product(dy, Z(L), dt, -0.5, 1.0, sym);
+  batched_product(dz, dt, Y(L), -0.5, 0.0, sym);
+  if (sym) {
+    mirror_upper(dy);
+    mirror_upper(dz);
+  }
+  // Steps k = N-2 .. 1: Y(k+1) = Yk Tk, Z(k+1) = Tk Zk, Tk = 0.5 (3I - Zk Yk):
+  //   dT = Yk dY + dZ Zk;  dY' = dY Tk - 0.5 Zk dT;  dZ' = Tk dZ - 0.5 dT Yk
+  for (int64_t k = N - 2; k >= 1; --k) {
+    batched_product(dt, Y(k), dy, 1.0, 0.0, false);
+    batched_product(dt, dz, Z(k), 1.0, 1.0, false);
+    batched_product(dy_next, dy, T(k), 1.0, 0.0, sym);
+    batched_product(dy_next, Z(k), dt, -0.5, 1.0, sym);
+    batched_product(dz_next, T(k), dz, 1.0, 0.0, sym);
+    batched_product(dz_next, dt, Y(k), -0.5, 1.0, sym);
+    if (sym) {
+      mirror_upper(dy_next);
+      mirror_upper(dz_next);
+    }
+    std::swap(dy, dy_next);
+    std::swap(dz, dz_next);
+  }
+  // First step, Y1 = A T0, Z1 = T0 = 0.5 (3I - A):  dA = dY T0 - 0.5 (A dY + dZ)
+  at::Tensor da = dz * -0.5;
+  batched_product(da, dy, Z(1), 1.0, 1.0, sym);
+  batched_product(da, a, dy, -0.5, 1.0, sym);
+  if (sym) mirror_upper(da);
+  return da;
+}
+
+at::Tensor sqrtm_backward_cpu(const at::Tensor& grad, const at::Tensor& s_in,
+                              const at::Tensor& saved, int64_t iters, bool symmetric_grad) {
+  check_square(s_in, "sqrtm_backward", "s");
+  check_square(grad, "sqrtm_backward", "grad");
+  check_iters(iters, "sqrtm_backward");
+  TORCH_CHECK_VALUE(grad.sizes() == s_in.sizes(), "mpncov.sqrtm_backward: grad ", grad.sizes(),
+                    " does not match s ", s_in.sizes());
+  const int64_t B = s_in.size(0), C = s_in.size(1), N = iters;
+  TORCH_CHECK_VALUE(saved.dim() == 4 && saved.size(0) == B && saved.size(1) == 3 * (N - 1) + 1 &&
+                        saved.size(2) == C && saved.size(3) == C,
+                    "mpncov.sqrtm_backward: saved has shape ", saved.sizes(), ", expected (", B,
+                    ", ", 3 * (N - 1) + 1, ", ", C, ", ", C, ") for iters=", N);
+  TORCH_CHECK(grad.device() == s_in.device() && saved.device() == s_in.device(),
+              "mpncov.sqrtm_backward: tensors on different devices: grad ", grad.device(),
+              ", s ", s_in.device(), ", saved ", saved.device());
+  if (B == 0 || C == 0) return at::zeros_like(s_in, at::MemoryFormat::Contiguous);
+
+  const auto ct = compute_dtype(s_in.scalar_type());
+  at::Tensor s = s_in.to(ct).contiguous();
+  at::Tensor sv = saved.to(ct).contiguous();
+  at::Tensor g = grad.to(ct);
+  g = symmetric_grad ? ((g + g.transpose(1, 2)) * 0.5).contiguous() : g.contiguous();
+  Traces tr = traces(s);
+  at::Tensor t = tr.divisor.view({B, 1, 1});
+  at::Tensor root_t = t.sqrt();
+  at::Tensor a = s / t;
+  at::Tensor gy = g * root_t;  // dL/dY = sqrt(t) G
+  at::Tensor da = sqrtm_grad_a(gy, a, sv, N, symmetric_grad);
+  // out = sqrt(t) Y(A), A = S / t:
+  //   dS = dA / t + (<G, Y> / (2 sqrt(t)) - <dA, A> / t) I
+  at::Tensor y = sv.select(1, 3 * (N - 1));
+  at::Tensor g_y = (g * y).sum({1, 2}, true);
+  at::Tensor da_a = (da * a).sum({1, 2}, true);
+  at::Tensor diag = g_y / (2 * root_t) - da_a / t;
+  at::Tensor ds = da / t;
+  ds.diagonal(0, 1, 2).add_(diag.view({B, 1}));
+  // At t = 0 (the zero matrix) sqrt(t) is not differentiable; SPEC asks for a finite zero
+  // gradient there instead of 0/0.
+  ds.masked_fill_((tr.t == 0).view({B, 1, 1}), 0);
+  return ds.to(s_in.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mpncov, CPU, m) {
+  m.impl("sqrtm", &sqrtm_cpu);
+  m.impl("sqrtm_backward", &sqrtm_backward_cpu);
+}
+
+}  // namespace mpncov

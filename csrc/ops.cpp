@@ -1,0 +1,83 @@
+// Operator schemas of the mpncov library (SPEC sections 1-3).
+//
+// Every forward op has its backward registered as an op of its own, so that autograd,
+// torch.compile and opcheck see the same kernels as eager code. The kernels live in
+// cpu/*.cpp and cuda/*_binding.cpp; fake kernels and autograd are registered in Python
+// (mpncov/ops.py).
+#include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+TORCH_LIBRARY(mpncov, m) {
+  // x: (B, C, M) -> S: (B, C, C), S = (1/M) Xc Xc^T with Xc = X - mean over M.
+  m.def("covpool(Tensor x) -> Tensor");
+  // dX = (1/M) (G + G^T) Xc
+  m.def("covpool_backward(Tensor grad, Tensor x) -> Tensor");
+  // iSQRT with `iters` coupled Newton-Schulz steps. Returns (out, saved): saved holds the
+  // iterates the backward needs, (B, 3*(iters-1)+1, C, C) in the compute dtype:
+  // [Y_1..Y_{N-1}, Z_1..Z_{N-1}, T_1..T_{N-1}, Y_N] (Y_N before post-compensation).
+  m.def("sqrtm(Tensor s, int iters) -> (Tensor, Tensor)");
+  // dS from G = dL/dout. symmetric_grad=True replaces G by (G + G^T)/2, which leaves the
+  // symmetric part of dS unchanged (all a following covpool backward sees) and lets the
+  // kernel compute only half of each product.
+  m.def("sqrtm_backward(Tensor grad, Tensor s, Tensor saved, int iters, bool symmetric_grad) -> Tensor");
+  // (B, C, C) -> (B, C(C+1)/2), row-major upper triangle including the diagonal.
+  m.def("triuvec(Tensor s) -> Tensor");
+  // Scatter (B, K) into the upper triangle of (B, n, n), zeros elsewhere.
+  m.def("triuvec_backward(Tensor grad, SymInt n) -> Tensor");
+  // The whole iSQRT-COV pipeline triuvec(sqrtm(covpool(x))). Returns (vec, cov, saved);
+  // its backward symmetrises the gradient reaching sqrtm (see sqrtm_backward).
+  m.def("isqrt_cov(Tensor x, int iters) -> (Tensor, Tensor, Tensor)");
+  m.def("isqrt_cov_backward(Tensor grad, Tensor x, Tensor cov, Tensor saved, int iters) -> Tensor");
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> isqrt_cov(const at::Tensor& x, int64_t iters) {
+  static auto covpool_op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mpncov::covpool", "").typed<at::Tensor(const at::Tensor&)>();
+  static auto sqrtm_op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mpncov::sqrtm", "")
+      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  static auto triuvec_op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mpncov::triuvec", "").typed<at::Tensor(const at::Tensor&)>();
+  at::Tensor cov = covpool_op.call(x);
+  auto [root, saved] = sqrtm_op.call(cov, iters);
+  return {triuvec_op.call(root), cov, saved};
+}
+
+at::Tensor isqrt_cov_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& cov,
+                              const at::Tensor& saved, int64_t iters) {
+  static auto triuvec_backward_op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mpncov::triuvec_backward", "")
+      .typed<at::Tensor(const at::Tensor&, c10::SymInt)>();
+  static auto sqrtm_backward_op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mpncov::sqrtm_backward", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool)>();
+  static auto covpool_backward_op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("mpncov::covpool_backward", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  at::Tensor g_root = triuvec_backward_op.call(grad, cov.sym_size(-1));
+  at::Tensor g_cov = sqrtm_backward_op.call(g_root, cov, saved, iters, /*symmetric_grad=*/true);
+  return covpool_backward_op.call(g_cov, x);
+}
+
+}  // namespace
+
+// Backend-independent: the pipeline dispatches to the CPU or CUDA kernels of its parts.
+TORCH_LIBRARY_IMPL(mpncov, CompositeExplicitAutograd, m) {
+  m.impl("isqrt_cov", &isqrt_cov);
+  m.impl("isqrt_cov_backward", &isqrt_cov_backward);
+}
+
+// The extension is loaded as a Python module (mpncov._C) only to run the registrations
+// above; it has no Python functions of its own.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "mpncov operator registrations", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
