@@ -1,0 +1,67 @@
+"""Build and runtime facts: ``python -m mpncov.info``.
+
+Prints the versions of Python, torch, CUDA and the compiler torch was built with, whether
+the CUDA kernels of mpncov are built and for which archs, and which mpncov operators are
+registered with kernels for which backends.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+
+def build_config() -> dict:
+    """What setup.py recorded about this build (empty if the build left no record)."""
+    try:
+        from . import _build_config as cfg
+    except ImportError:
+        return {}
+    return {k: getattr(cfg, k) for k in dir(cfg) if k.isupper()}
+
+
+def registered_ops() -> dict:
+    """Registered mpncov operators and the dispatch keys that have a kernel for each."""
+    import mpncov.ops as ops  # noqa: F401  (registers everything)
+
+    keys = ("CPU", "CUDA", "Meta", "Autograd", "CompositeExplicitAutograd")
+    result = {}
+    for name in ops.OPS:
+        qualified = f"mpncov::{name}"
+        result[name] = [k for k in keys if torch._C._dispatch_has_kernel_for_dispatch_key(qualified, k)]
+    return result
+
+
+def _compiler() -> str:
+    for line in torch.__config__.show().splitlines():
+        line = line.strip()
+        if line.startswith("- GCC") or line.startswith("- clang") or "Compiler" in line:
+            return line.lstrip("- ")
+    return "unknown"
+
+
+def report() -> str:
+    cfg = build_config()
+    lines = [
+        f"mpncov        {cfg.get('VERSION', 'unknown')}",
+        f"python        {sys.version.split()[0]} ({platform.platform()})",
+        f"torch         {torch.__version__} (compiled with {_compiler()})",
+        f"torch CUDA    {torch.version.cuda or 'none (CPU build)'}",
+        f"GPU           {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}",
+        f"built against torch {cfg.get('BUILT_WITH_TORCH', 'unknown')}",
+        f"CUDA kernels  {'built, archs ' + str(cfg.get('CUDA_ARCHS')) if cfg.get('WITH_CUDA') else 'not built (CPU only)'}",
+        f"CPU threads   {torch.get_num_threads()}",
+        "operators (backend kernels):",
+    ]
+    for name, keys in registered_ops().items():
+        lines.append(f"  mpncov::{name:<20} {', '.join(keys) or 'NONE'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

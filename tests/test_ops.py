@@ -1,0 +1,346 @@
+"""covpool, sqrtm, triuvec and the isqrt_cov pipeline against the float64 references of
+tests/reference.py: values, gradients, gradcheck, opcheck, dtypes, layouts, bad input."""
+import math
+
+import pytest
+import torch
+
+import mpncov
+from reference import covpool_ref, isqrt_cov_ref, spd, sqrtm_ref, triuvec_ref
+
+F64 = torch.float64
+
+# (B, C, M): C = 1, odd C, M < C (rank deficient), M = 1, and C large enough for the
+# blocked symmetric products (C >= 96) with a ragged last block.
+SHAPES = [(2, 1, 5), (3, 7, 11), (2, 16, 5), (2, 5, 1), (1, 33, 40), (2, 130, 50), (2, 200, 30)]
+
+
+def _x(shape, device="cpu", dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=F64).to(device=device, dtype=dtype)
+
+
+def _close(a, b, tol):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    scale = max(1.0, b.double().abs().max().item() if b.numel() else 0.0)
+    assert err <= tol * scale, f"max error {err:.3g} > {tol:.1g} x {scale:.3g}"
+
+
+def _grad(fn, inp, g):
+    inp = inp.detach().requires_grad_()
+    out = fn(inp)
+    (d,) = torch.autograd.grad(out, inp, g)
+    return out.detach(), d
+
+
+# ------------------------------------------------------------------ against references
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_covpool_matches_reference(shape, device):
+    x = _x(shape, device)
+    g = _x((shape[0], shape[1], shape[1]), device, seed=1)  # not symmetric
+    out, dx = _grad(mpncov.covpool, x, g)
+    out_r, dx_r = _grad(covpool_ref, x, g)
+    _close(out, out_r, 1e-12)
+    _close(dx, dx_r, 1e-12)
+
+
+def test_covpool_accepts_4d_input(device):
+    x = _x((2, 6, 3, 4), device)
+    _close(mpncov.covpool(x), covpool_ref(x.flatten(2)), 1e-12)
+
+
+@pytest.mark.parametrize("iters", range(1, 9))
+@pytest.mark.parametrize("shape", [(3, 7, 11), (2, 16, 5), (2, 130, 50)])
+def test_sqrtm_matches_reference(shape, iters, device):
+    b, c, m = shape
+    s = spd(b, c, m=m, device=device)
+    g = _x((b, c, c), device, seed=2)  # non-symmetric incoming gradient
+    out, ds = _grad(lambda t: mpncov.sqrtm(t, iters), s, g)
+    out_r, ds_r = _grad(lambda t: sqrtm_ref(t, iters), s, g)
+    _close(out, out_r, 1e-11)
+    _close(ds, ds_r, 1e-10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triuvec_matches_reference(shape, device):
+    b, c, _ = shape
+    s = _x((b, c, c), device)
+    g = _x((b, c * (c + 1) // 2), device, seed=3)
+    out, ds = _grad(mpncov.triuvec, s, g)
+    out_r, ds_r = _grad(triuvec_ref, s, g)
+    assert torch.equal(out, out_r)
+    assert torch.equal(ds, ds_r)
+
+
+def test_triuvec_order_is_row_major():
+    s = torch.arange(9.0).view(1, 3, 3)
+    assert mpncov.triuvec(s).tolist() == [[0.0, 1.0, 2.0, 4.0, 5.0, 8.0]]
+
+
+@pytest.mark.parametrize("iters", [1, 2, 3, 5])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_pipeline_matches_reference(shape, iters, device):
+    b, c, _ = shape
+    x = _x(shape, device)
+    g = _x((b, c * (c + 1) // 2), device, seed=4)
+    out, dx = _grad(lambda t: mpncov.isqrt_cov(t, iters), x, g)
+    if shape[2] == 1:
+        # One position: the covariance is 0, where the reference divides 0 by 0.
+        assert not out.any() and not dx.any()
+        return
+    out_r, dx_r = _grad(lambda t: isqrt_cov_ref(t, iters), x, g)
+    _close(out, out_r, 1e-11)
+    _close(dx, dx_r, 1e-9)
+    # And it equals the three ops in a row.
+    out3, dx3 = _grad(lambda t: mpncov.triuvec(mpncov.sqrtm(mpncov.covpool(t), iters)), x, g)
+    _close(out, out3, 1e-13)
+    _close(dx, dx3, 1e-10)
+
+
+# ------------------------------------------------------------------------ gradcheck
+
+def test_gradcheck_covpool(device):
+    x = _x((2, 5, 7), device).requires_grad_()
+    assert torch.autograd.gradcheck(mpncov.covpool, (x,))
+
+
+@pytest.mark.parametrize("iters", range(1, 9))
+def test_gradcheck_sqrtm_nonsymmetric_grad(iters, device):
+    # gradcheck's probes are one-hot, i.e. non-symmetric incoming gradients.
+    s = spd(2, 5, device=device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: mpncov.sqrtm(t, iters), (s,))
+
+
+def test_gradcheck_triuvec(device):
+    s = _x((2, 4, 4), device).requires_grad_()
+    assert torch.autograd.gradcheck(mpncov.triuvec, (s,))
+
+
+@pytest.mark.parametrize("iters", [1, 3, 5])
+def test_gradcheck_pipeline(iters, device):
+    x = _x((2, 4, 9), device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: mpncov.isqrt_cov(t, iters), (x,))
+
+
+# -------------------------------------------------------------------------- opcheck
+
+def _opcheck_cases(device):
+    x = _x((2, 5, 7), device).requires_grad_()
+    s = spd(2, 5, device=device).requires_grad_()
+    cov = mpncov.covpool(x.detach())
+    _, saved = torch.ops.mpncov.sqrtm(s.detach(), 3)
+    _, cov2, saved2 = torch.ops.mpncov.isqrt_cov(x.detach(), 3)
+    g_cc = _x((2, 5, 5), device, seed=5)
+    g_k = _x((2, 15), device, seed=6)
+    return [
+        (torch.ops.mpncov.covpool.default, (x,)),
+        (torch.ops.mpncov.covpool_backward.default, (g_cc, x.detach())),
+        (torch.ops.mpncov.sqrtm.default, (s, 3)),
+        (torch.ops.mpncov.sqrtm_backward.default, (g_cc, s.detach(), saved, 3, False)),
+        (torch.ops.mpncov.sqrtm_backward.default, (g_cc, s.detach(), saved, 3, True)),
+        (torch.ops.mpncov.triuvec.default, (s,)),
+        (torch.ops.mpncov.triuvec_backward.default, (g_k, 5)),
+        (torch.ops.mpncov.isqrt_cov.default, (x, 3)),
+        (torch.ops.mpncov.isqrt_cov_backward.default, (g_k, x.detach(), cov2, saved2, 3)),
+    ]
+
+
+def test_opcheck_all_ops(device):
+    cases = _opcheck_cases(device)
+    assert {op.__name__.split(".")[0] for op, _ in cases} == set(mpncov.ops.OPS)
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------- compile, autocast, convergence
+
+def test_compile_fullgraph_equals_eager():
+    x = _x((2, 6, 10), dtype=torch.float32).requires_grad_()
+    g = _x((2, 21), dtype=torch.float32, seed=7)
+
+    def fn(t):
+        return mpncov.isqrt_cov(t, 5)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out_e, dx_e = _grad(fn, x, g)
+    out_c, dx_c = _grad(compiled, x, g)
+    _close(out_c, out_e, 1e-6)
+    _close(dx_c, dx_e, 1e-6)
+
+
+def test_compile_inductor_three_ops():
+    x = _x((2, 6, 10), dtype=torch.float32)
+
+    def fn(t):
+        return mpncov.triuvec(mpncov.sqrtm(mpncov.covpool(t), 3)) * 2
+
+    compiled = torch.compile(fn, fullgraph=True)
+    _close(compiled(x), fn(x), 1e-6)
+
+
+def test_autocast_cpu_bf16():
+    conv = torch.nn.Conv2d(3, 8, 1).double()
+    x = _x((2, 3, 5, 5))
+    ref = isqrt_cov_ref(conv(x), 5)
+    conv32, x32 = conv.float(), x.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feat = conv32(x32)
+        assert feat.dtype == torch.bfloat16
+        out = mpncov.isqrt_cov(feat, 5)
+    assert out.dtype == torch.bfloat16
+    # bf16 activations carry ~3 significant digits; the pooling itself runs in fp32.
+    _close(out, ref, 3e-2)
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in conv32.parameters())
+
+
+def test_many_iterations_converge_to_eigh_sqrt():
+    s = spd(3, 8, m=40, seed=8)  # well conditioned
+    evals, evecs = torch.linalg.eigh(s)
+    exact = evecs @ torch.diag_embed(evals.clamp_min(0).sqrt()) @ evecs.transpose(1, 2)
+    rel = (mpncov.sqrtm(s, 30) - exact).norm() / exact.norm()
+    assert rel < 1e-8
+    # ...while few iterations are deliberately not the exact root (SPEC section 2).
+    assert (mpncov.sqrtm(s, 3) - exact).norm() / exact.norm() > 1e-3
+
+
+# ----------------------------------------------------------------------- degenerate
+
+def test_zero_trace_gives_zero_output_and_finite_gradients(device):
+    x = torch.ones(2, 4, 6, dtype=F64, device=device).requires_grad_()  # constant features
+    s = torch.zeros(2, 4, 4, dtype=F64, device=device).requires_grad_()
+    for fn, inp in [(lambda t: mpncov.isqrt_cov(t, 5), x), (lambda t: mpncov.sqrtm(t, 5), s),
+                    (lambda t: mpncov.sqrtm(t, 1), s)]:
+        out = fn(inp)
+        assert torch.equal(out, torch.zeros_like(out))
+        (d,) = torch.autograd.grad(out, inp, torch.randn_like(out))
+        assert torch.isfinite(d).all() and torch.equal(d, torch.zeros_like(d))
+
+
+def test_tiny_trace_does_not_overflow():
+    s = spd(2, 6, dtype=torch.float32) * 1e-30
+    s.requires_grad_()
+    out = mpncov.sqrtm(s, 5)
+    assert torch.isfinite(out).all()
+    _close(out / 1e-15, sqrtm_ref(spd(2, 6), 5), 1e-4)
+    (d,) = torch.autograd.grad(out, s, torch.randn_like(out))
+    assert torch.isfinite(d).all()
+
+
+def test_zero_sample_does_not_affect_others():
+    s = spd(3, 5)
+    s[1] = 0
+    out = mpncov.sqrtm(s, 5)
+    _close(out[[0, 2]], sqrtm_ref(s[[0, 2]], 5), 1e-12)
+    assert torch.equal(out[1], torch.zeros(5, 5, dtype=F64))
+
+
+# --------------------------------------------------------- dtype x device x layout
+
+DTYPE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_TOL))
+def test_dtypes(dtype, device):
+    x = _x((2, 9, 20), device) * 0.5
+    g = _x((2, 45), device, seed=9)
+    out_r, dx_r = _grad(lambda t: isqrt_cov_ref(t, 5), x, g)
+    out, dx = _grad(lambda t: mpncov.isqrt_cov(t, 5), x.to(dtype), g.to(dtype))
+    assert out.dtype == dtype and dx.dtype == dtype
+    _close(out, out_r, DTYPE_TOL[dtype])
+    _close(dx, dx_r, 10 * DTYPE_TOL[dtype])
+    for fn, ref, inp in [(mpncov.covpool, covpool_ref, x),
+                         (lambda t: mpncov.sqrtm(t, 3), lambda t: sqrtm_ref(t, 3), covpool_ref(x)),
+                         (mpncov.triuvec, triuvec_ref, covpool_ref(x))]:
+        y = fn(inp.to(dtype))
+        assert y.dtype == dtype
+        _close(y, ref(inp), DTYPE_TOL[dtype])
+
+
+def test_non_contiguous_and_channels_last_equal_contiguous(device):
+    x = _x((2, 6, 5, 7), device)
+    layouts = [x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3),
+               _x((2, 12, 5, 7), device)[:, ::2]]
+    layouts[2].copy_(x)
+    for y in layouts:
+        assert not y.is_contiguous()
+        assert torch.equal(mpncov.covpool(y), mpncov.covpool(x))
+        assert torch.equal(mpncov.isqrt_cov(y, 3), mpncov.isqrt_cov(x, 3))
+        g = torch.ones(2, 21, dtype=F64, device=device)
+        _, d1 = _grad(lambda t: mpncov.isqrt_cov(t, 3), y, g)
+        _, d2 = _grad(lambda t: mpncov.isqrt_cov(t, 3), x, g)
+        assert torch.equal(d1, d2)
+    s = spd(2, 6, device=device)
+    st = s.transpose(1, 2)  # same values (symmetric), transposed strides
+    assert torch.equal(mpncov.sqrtm(st, 3), mpncov.sqrtm(s, 3))
+    wide = torch.zeros(2, 6, 12, dtype=F64, device=device)
+    wide[:, :, :6] = s
+    assert torch.equal(mpncov.triuvec(wide[:, :, :6]), mpncov.triuvec(s))
+
+
+def test_empty_batch(device):
+    x = torch.zeros(0, 4, 9, dtype=F64, device=device, requires_grad=True)
+    assert mpncov.covpool(x).shape == (0, 4, 4)
+    assert mpncov.sqrtm(torch.zeros(0, 4, 4, dtype=F64, device=device), 3).shape == (0, 4, 4)
+    assert mpncov.triuvec(torch.zeros(0, 4, 4, device=device)).shape == (0, 10)
+    out = mpncov.isqrt_cov(x, 3)
+    assert out.shape == (0, 10)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+# ------------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda: mpncov.covpool(torch.zeros(4, 4)), ValueError, "(4, 4)"),
+    (lambda: mpncov.covpool(torch.zeros(1, 2, 3, 4, 5)), ValueError, "(1, 2, 3, 4, 5)"),
+    (lambda: mpncov.covpool(torch.zeros(2, 3, 0)), ValueError, "(2, 3, 0)"),
+    (lambda: mpncov.covpool(torch.zeros(2, 3, 4, dtype=torch.int64)), TypeError, "torch.int64"),
+    (lambda: mpncov.covpool(torch.zeros(2, 3, 4, dtype=torch.complex64)), TypeError, "complex64"),
+    (lambda: mpncov.covpool([[1.0]]), TypeError, "list"),
+    (lambda: mpncov.sqrtm(torch.zeros(2, 3, 4)), ValueError, "(2, 3, 4)"),
+    (lambda: mpncov.sqrtm(torch.zeros(3, 3)), ValueError, "(3, 3)"),
+    (lambda: mpncov.sqrtm(torch.eye(3).expand(2, 3, 3), 0), ValueError, "got 0"),
+    (lambda: mpncov.sqrtm(torch.eye(3).expand(2, 3, 3), 2.5), TypeError, "float"),
+    (lambda: mpncov.sqrtm(torch.eye(3).expand(2, 3, 3).int()), TypeError, "torch.int32"),
+    (lambda: mpncov.triuvec(torch.zeros(2, 3, 4)), ValueError, "(2, 3, 4)"),
+    (lambda: mpncov.isqrt_cov(torch.zeros(2, 3, 4), -1), ValueError, "got -1"),
+])
+def test_bad_input_raises_with_a_clear_message(call, exc, words):
+    with pytest.raises(exc, match=None) as info:
+        call()
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: torch.ops.mpncov.covpool(torch.zeros(4, 4)), "[4, 4]"),
+    (lambda: torch.ops.mpncov.sqrtm(torch.zeros(2, 3, 4), 3), "[2, 3, 4]"),
+    (lambda: torch.ops.mpncov.sqrtm(torch.eye(3).expand(1, 3, 3), 0), "got 0"),
+    (lambda: torch.ops.mpncov.triuvec(torch.zeros(2, 2, 2, dtype=torch.int32)), "Int"),
+    (lambda: torch.ops.mpncov.triuvec_backward(torch.zeros(2, 5), 3), "[2, 5]"),
+    (lambda: torch.ops.mpncov.covpool_backward(torch.zeros(2, 3, 3), torch.zeros(2, 4, 5)), "[2, 4, 5]"),
+    (lambda: torch.ops.mpncov.sqrtm_backward(torch.zeros(1, 3, 3), torch.eye(3)[None],
+                                             torch.zeros(1, 2, 3, 3), 3, False), "[1, 2, 3, 3]"),
+])
+def test_raw_ops_reject_bad_input(call, words):
+    # The C++ kernels check too: a direct torch.ops call never crashes or answers wrongly.
+    with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
+        call()
+    assert words in str(info.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tensors_on_different_devices_raise():
+    x = torch.randn(2, 3, 5, device="cuda")
+    g = torch.randn(2, 3, 3)
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ops.mpncov.covpool_backward(g, x)
+
+
+def test_info_reports_ops():
+    from mpncov import info
+    text = info.report()
+    for name in ("torch", "covpool", "sqrtm_backward", "CUDA kernels"):
+        assert name in text
