@@ -18,7 +18,9 @@ if ! $PY -c "import torch" 2>/dev/null; then
 fi
 # Build and test tools; each is skipped if already there, so nothing pulls a new torch.
 need=()
-for mod in setuptools:setuptools wheel:wheel numpy:numpy pytest:pytest ninja:ninja; do
+$PY -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null \
+  || need+=("setuptools>=64")
+for mod in wheel:wheel numpy:numpy pytest:pytest ninja:ninja; do
   $PY -c "import ${mod%%:*}" 2>/dev/null || need+=("${mod##*:}")
 done
 if [ "${MPNCOV_WITH_PLOTS:-1}" = "1" ] && ! $PY -c "import matplotlib" 2>/dev/null; then
@@ -30,5 +32,5 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 $PY -c "import torch; print('[setup] torch', torch.__version__, 'CUDA', torch.version.cuda)"
 echo "[setup] building mpncov (MAX_JOBS=${MAX_JOBS:-auto}, FORCE_CUDA=${FORCE_CUDA:-0})"
-$PIP --no-build-isolation -e . 
+$PIP --no-build-isolation -e .
 $PY -c "import mpncov; print('[setup] mpncov', mpncov.__version__, 'ready')"
