@@ -50,11 +50,13 @@ void mirror_upper(at::Tensor& m) {
   const int64_t B = m.size(0), n = m.size(1);
   const int64_t step = symmetric_block_size(n);
   if (step >= n) return;  // computed in full
+  TORCH_INTERNAL_ASSERT(m.stride(2) == 1 && m.stride(1) == n, "mirror_upper: rows must be dense");
+  const int64_t batch_stride = m.stride(0);
   AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "mirror_upper", [&] {
     scalar_t* base = m.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        scalar_t* p = base + b * n * n;
+        scalar_t* p = base + b * batch_stride;
         // Entries below the diagonal blocks were not written: copy them from above.
         for (int64_t i = step; i < n; ++i) {
           const int64_t jmax = (i / step) * step;
