@@ -195,11 +195,17 @@ def _covpool_bwd(ctx, grad):
 def _sqrtm_setup(ctx, inputs, output):
     s, iters = inputs
     ctx.iters = iters
+    # `saved` is an implementation detail: no gradient flows into it, and none should be
+    # materialised as a zero tensor of (B, 3N-2, C, C) for the backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(s, output[1])
 
 
 def _sqrtm_bwd(ctx, grad, _grad_saved):
     s, saved = ctx.saved_tensors
+    if grad is None:
+        return None, None
     return torch.ops.mpncov.sqrtm_backward(grad, s, saved, ctx.iters, False), None
 
 
@@ -214,14 +220,19 @@ def _triuvec_bwd(ctx, grad):
 def _isqrt_cov_setup(ctx, inputs, output):
     x, iters = inputs
     ctx.iters = iters
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, output[1], output[2])
 
 
 def _isqrt_cov_bwd(ctx, grad, grad_cov, _grad_saved):
     x, cov, saved = ctx.saved_tensors
-    dx = torch.ops.mpncov.isqrt_cov_backward(grad, x, cov, saved, ctx.iters)
+    dx = None
+    if grad is not None:
+        dx = torch.ops.mpncov.isqrt_cov_backward(grad, x, cov, saved, ctx.iters)
     if grad_cov is not None:  # the covariance output was used too
-        dx = dx + torch.ops.mpncov.covpool_backward(grad_cov, x)
+        dc = torch.ops.mpncov.covpool_backward(grad_cov, x)
+        dx = dc if dx is None else dx + dc
     return dx, None
 
 

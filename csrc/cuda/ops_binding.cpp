@@ -1,0 +1,250 @@
+// CUDA kernels of the mpncov operators (schemas in csrc/ops.cpp): argument checks, device
+// guard, stream, contiguity, allocation of outputs and scratch, dtype dispatch. The
+// numerical work is in the torch-free launchers of csrc/cuda/*_kernel.cu.
+//
+// Dtypes: float32 and float64 are computed natively; float16 and bfloat16 are computed
+// in float32 and the result is cast back to the input dtype (sqrtm's `saved` stays in
+// float32, the compute dtype, and sqrtm_backward reads it in that dtype).
+//
+// The stream comes from c10/cuda/CUDAStream.h (the same stream at::cuda::
+// getCurrentCUDAStream returns); ATen/cuda/CUDAContext.h is avoided because it pulls in
+// the cuBLAS / cuSPARSE / cuSOLVER headers, which this extension does not need.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime_api.h>
+
+#include <tuple>
+
+#include "covpool_kernel.cuh"
+#include "sqrtm_kernel.cuh"
+#include "triuvec_kernel.cuh"
+
+namespace {
+
+using at::Tensor;
+
+bool is_supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// float64 stays float64; float32, float16 and bfloat16 are computed in float32.
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_tensor(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "mpncov.", op, ": expected ", name, " on a CUDA device, got ",
+              t.device());
+  TORCH_CHECK(is_supported_dtype(t.scalar_type()), "mpncov.", op, ": expected ", name,
+              " of dtype float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_same_device(const Tensor& a, const char* name_a, const Tensor& b, const char* name_b,
+                       const char* op) {
+  TORCH_CHECK(a.device() == b.device(), "mpncov.", op, ": expected ", name_a, " and ", name_b,
+              " on the same device, got ", a.device(), " and ", b.device());
+}
+
+// (B, C, C) batch of square matrices.
+void check_square_batch(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 3, "mpncov.", op, ": expected ", name,
+              " of shape (B, C, C) (3 dims), got ", t.dim(), " dims with shape ", t.sizes());
+  TORCH_CHECK(t.size(1) == t.size(2), "mpncov.", op, ": expected ", name,
+              " to be a batch of square matrices (B, C, C), got shape ", t.sizes());
+}
+
+void check_iters(int64_t iters, const char* op) {
+  TORCH_CHECK(iters >= 1, "mpncov.", op, ": expected iters >= 1, got ", iters);
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "mpncov.", op, ": CUDA kernel failed: ",
+              cudaGetErrorString(err));
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// x: (B, C, H, W) or (B, C, M) -> M.
+int64_t positions(const Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "mpncov.", op,
+              ": expected x of shape (B, C, H, W) or (B, C, M), got ", x.dim(),
+              " dims with shape ", x.sizes());
+  return x.dim() == 4 ? x.size(2) * x.size(3) : x.size(2);
+}
+
+// ---- covpool ------------------------------------------------------------------------------
+
+Tensor covpool_cuda(const Tensor& x) {
+  check_tensor(x, "covpool", "x");
+  const int64_t m = positions(x, "covpool");
+  const int64_t b = x.size(0);
+  const int64_t c = x.size(1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType ct = compute_dtype(x.scalar_type());
+  Tensor out = at::empty({b, c, c}, x.options().dtype(ct));
+  if (b == 0 || c == 0) return out.to(x.scalar_type());
+  TORCH_CHECK(m >= 1, "mpncov.covpool: expected at least one position (M = H*W >= 1), got x of "
+              "shape ", x.sizes());
+  const Tensor xc = x.reshape({b, c, m}).to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_covpool_cuda", [&] {
+    Tensor work = at::empty({mpncov::cuda::covpool_forward_workspace(b, c)}, xc.options());
+    check_launch(mpncov::cuda::covpool_forward<scalar_t>(
+                     xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                     work.data_ptr<scalar_t>(), b, c, m, current_stream()),
+                 "covpool");
+  });
+  return out.to(x.scalar_type());
+}
+
+// dX = (1/M) (G + G^T) Xc, returned with x's shape and dtype.
+Tensor covpool_backward_cuda(const Tensor& grad, const Tensor& x) {
+  check_tensor(grad, "covpool_backward", "grad");
+  check_tensor(x, "covpool_backward", "x");
+  check_same_device(grad, "grad", x, "x", "covpool_backward");
+  const int64_t m = positions(x, "covpool_backward");
+  const int64_t b = x.size(0);
+  const int64_t c = x.size(1);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == b && grad.size(1) == c && grad.size(2) == c,
+              "mpncov.covpool_backward: expected grad of shape (", b, ", ", c, ", ", c,
+              ") for x of shape ", x.sizes(), ", got ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType ct =
+      (x.scalar_type() == at::kDouble || grad.scalar_type() == at::kDouble) ? at::kDouble
+                                                                              : at::kFloat;
+  Tensor dx = at::empty({b, c, m}, x.options().dtype(ct));
+  if (b == 0 || c == 0 || m == 0) return dx.view(x.sizes()).to(x.scalar_type());
+  const Tensor xc = x.reshape({b, c, m}).to(ct).contiguous();
+  const Tensor gc = grad.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_covpool_backward_cuda", [&] {
+    Tensor work = at::empty({mpncov::cuda::covpool_backward_workspace(b, c)}, xc.options());
+    check_launch(mpncov::cuda::covpool_backward<scalar_t>(
+                     gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+                     work.data_ptr<scalar_t>(), b, c, m, current_stream()),
+                 "covpool_backward");
+  });
+  return dx.view(x.sizes()).to(x.scalar_type());
+}
+
+// ---- sqrtm --------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> sqrtm_cuda(const Tensor& s, int64_t iters) {
+  check_tensor(s, "sqrtm", "s");
+  check_square_batch(s, "sqrtm", "s");
+  check_iters(iters, "sqrtm");
+  const int64_t b = s.size(0);
+  const int64_t n = s.size(1);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::ScalarType ct = compute_dtype(s.scalar_type());
+  const auto opts = s.options().dtype(ct);
+  Tensor out = at::empty({b, n, n}, opts);
+  Tensor saved = at::empty({b, mpncov::cuda::sqrtm_saved_slots(iters), n, n}, opts);
+  if (b == 0 || n == 0) return {out.to(s.scalar_type()), saved};
+  const Tensor sc = s.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_sqrtm_cuda", [&] {
+    Tensor work = at::empty({mpncov::cuda::sqrtm_forward_workspace(b, n, iters)}, opts);
+    check_launch(mpncov::cuda::sqrtm_forward<scalar_t>(
+                     sc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                     saved.data_ptr<scalar_t>(), work.data_ptr<scalar_t>(), b, n, iters,
+                     current_stream()),
+                 "sqrtm");
+  });
+  return {out.to(s.scalar_type()), saved};
+}
+
+// dS in s's dtype.
+Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& saved,
+                           int64_t iters, bool symmetric_grad) {
+  check_tensor(grad, "sqrtm_backward", "grad");
+  check_tensor(s, "sqrtm_backward", "s");
+  check_tensor(saved, "sqrtm_backward", "saved");
+  check_same_device(grad, "grad", s, "s", "sqrtm_backward");
+  check_same_device(saved, "saved", s, "s", "sqrtm_backward");
+  check_square_batch(s, "sqrtm_backward", "s");
+  check_iters(iters, "sqrtm_backward");
+  const int64_t b = s.size(0);
+  const int64_t n = s.size(1);
+  const int64_t slots = mpncov::cuda::sqrtm_saved_slots(iters);
+  TORCH_CHECK(grad.sizes() == s.sizes(), "mpncov.sqrtm_backward: expected grad of the shape of s ",
+              s.sizes(), ", got ", grad.sizes());
+  TORCH_CHECK(saved.dim() == 4 && saved.size(0) == b && saved.size(1) == slots &&
+                  saved.size(2) == n && saved.size(3) == n,
+              "mpncov.sqrtm_backward: expected saved of shape (", b, ", ", slots, ", ", n, ", ",
+              n, ") for iters = ", iters, ", got ", saved.sizes());
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::ScalarType ct = compute_dtype(s.scalar_type());
+  const auto opts = s.options().dtype(ct);
+  Tensor ds = at::empty({b, n, n}, opts);
+  if (b == 0 || n == 0) return ds.to(s.scalar_type());
+  const Tensor gc = grad.to(ct).contiguous();
+  const Tensor sc = s.to(ct).contiguous();
+  const Tensor savedc = saved.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_sqrtm_backward_cuda", [&] {
+    Tensor work = at::empty({mpncov::cuda::sqrtm_backward_workspace(b, n, iters)}, opts);
+    check_launch(mpncov::cuda::sqrtm_backward<scalar_t>(
+                     gc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
+                     savedc.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(),
+                     work.data_ptr<scalar_t>(), b, n, iters, symmetric_grad, current_stream()),
+                 "sqrtm_backward");
+  });
+  return ds.to(s.scalar_type());
+}
+
+// ---- triuvec ------------------------------------------------------------------------------
+
+Tensor triuvec_cuda(const Tensor& s) {
+  check_tensor(s, "triuvec", "s");
+  check_square_batch(s, "triuvec", "s");
+  const int64_t b = s.size(0);
+  const int64_t n = s.size(1);
+  const c10::cuda::CUDAGuard guard(s.device());
+  const at::ScalarType ct = compute_dtype(s.scalar_type());
+  Tensor v = at::empty({b, n * (n + 1) / 2}, s.options().dtype(ct));
+  if (b == 0 || n == 0) return v.to(s.scalar_type());
+  const Tensor sc = s.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_triuvec_cuda", [&] {
+    check_launch(mpncov::cuda::triuvec_forward<scalar_t>(sc.data_ptr<scalar_t>(),
+                                                         v.data_ptr<scalar_t>(), b, n,
+                                                         current_stream()),
+                 "triuvec");
+  });
+  return v.to(s.scalar_type());
+}
+
+// (B, n(n+1)/2) -> (B, n, n) in grad's dtype.
+Tensor triuvec_backward_cuda(const Tensor& grad, c10::SymInt n_sym) {
+  check_tensor(grad, "triuvec_backward", "grad");
+  const int64_t n = n_sym.guard_int(__FILE__, __LINE__);
+  TORCH_CHECK(n >= 0, "mpncov.triuvec_backward: expected n >= 0, got ", n);
+  TORCH_CHECK(grad.dim() == 2, "mpncov.triuvec_backward: expected grad of shape (B, n(n+1)/2) "
+              "(2 dims), got ", grad.dim(), " dims with shape ", grad.sizes());
+  TORCH_CHECK(grad.size(1) == n * (n + 1) / 2, "mpncov.triuvec_backward: expected grad of shape (B, ",
+              n * (n + 1) / 2, ") for n = ", n, ", got ", grad.sizes());
+  const int64_t b = grad.size(0);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::ScalarType ct = compute_dtype(grad.scalar_type());
+  Tensor out = at::empty({b, n, n}, grad.options().dtype(ct));
+  if (b == 0 || n == 0) return out.to(grad.scalar_type());
+  const Tensor gc = grad.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_triuvec_backward_cuda", [&] {
+    check_launch(mpncov::cuda::triuvec_backward<scalar_t>(gc.data_ptr<scalar_t>(),
+                                                          out.data_ptr<scalar_t>(), b, n,
+                                                          current_stream()),
+                 "triuvec_backward");
+  });
+  return out.to(grad.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mpncov, CUDA, m) {
+  m.impl("covpool", &covpool_cuda);
+  m.impl("covpool_backward", &covpool_backward_cuda);
+  m.impl("sqrtm", &sqrtm_cuda);
+  m.impl("sqrtm_backward", &sqrtm_backward_cuda);
+  m.impl("triuvec", &triuvec_cuda);
+  m.impl("triuvec_backward", &triuvec_backward_cuda);
+}

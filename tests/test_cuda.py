@@ -1,0 +1,417 @@
+"""CUDA backend tests: CUDA against CPU and against a float64 reference written with plain
+torch ops, gradients, gradcheck, opcheck, torch.compile, streams, determinism, memory.
+
+Skipped without CUDA. On a CUDA machine whose build lacks the CUDA kernels,
+test_cuda_kernels_registered fails (and so does everything else).
+"""
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("CUDA is not available", allow_module_level=True)
+
+import mpncov  # noqa: E402
+
+DEV = "cuda"
+F64 = torch.float64
+OPS = ["covpool", "covpool_backward", "sqrtm", "sqrtm_backward", "triuvec", "triuvec_backward"]
+
+# (C, M) and (C, iters) combinations: every C, M and iters value of the brief appears.
+C_VALUES = [1, 3, 17, 64, 127, 128, 129, 256, 300]
+M_VALUES = [1, 7, 196, 784]
+ITERS_VALUES = [1, 3, 5, 8]
+CM = [(c, M_VALUES[i % len(M_VALUES)]) for i, c in enumerate(C_VALUES)] + [(64, 1), (129, 784)]
+CN = [(c, ITERS_VALUES[i % len(ITERS_VALUES)]) for i, c in enumerate(C_VALUES)] + [
+    (128, 8), (300, 5), (17, 1)]
+DTYPES = [torch.float32, torch.float64]
+# Relative tolerances (max abs error / max abs reference) against the float64 reference.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+GRAD_TOL = {torch.float64: 1e-9, torch.float32: 1e-3}
+HALF_TOL = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+# ---- float64 reference with plain torch ops ----------------------------------------------
+
+def ref_covpool(x):
+    x = x.reshape(x.shape[0], x.shape[1], -1)
+    xc = x - x.mean(-1, keepdim=True)
+    return xc @ xc.transpose(1, 2) / x.shape[-1]
+
+
+def ref_sqrtm(s, iters):
+    n = s.shape[-1]
+    eye = torch.eye(n, dtype=s.dtype, device=s.device).expand_as(s)
+    t = s.diagonal(dim1=1, dim2=2).sum(-1)
+    t = torch.where(t == 0, torch.ones_like(t), t)[:, None, None]
+    a = s / t
+    t0 = 0.5 * (3 * eye - a)
+    y, z = a @ t0, t0
+    for _ in range(iters - 2):
+        tk = 0.5 * (3 * eye - z @ y)
+        y, z = y @ tk, tk @ z
+    if iters >= 2:
+        y = y @ (0.5 * (3 * eye - z @ y))
+    return t.sqrt() * y
+
+
+def ref_triuvec(s):
+    iu = torch.triu_indices(s.shape[-1], s.shape[-1], device=s.device)
+    return s[:, iu[0], iu[1]]
+
+
+def ref_isqrt_cov(x, iters):
+    return ref_triuvec(ref_sqrtm(ref_covpool(x), iters))
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def features(b, c, m, seed=0, dtype=F64):
+    return torch.randn(b, c, m, generator=gen(seed), dtype=F64).to(dtype)
+
+
+def spd(b, c, seed=0, dtype=F64):
+    x = torch.randn(b, c, c + 4, generator=gen(seed), dtype=F64)
+    s = x @ x.transpose(1, 2) / (c + 4) + 1e-2 * torch.eye(c, dtype=F64)
+    return s.to(dtype)
+
+
+def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    assert a.shape == b.shape, (a.shape, b.shape)
+    if b.numel() == 0:
+        return 0.0
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def assert_rel(a, b, tol, what=""):
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    e = rel_err(a, b)
+    assert e <= tol, f"{what}: relative error {e:.3e} > {tol:.1e}"
+
+
+def grad_of(fn, inp, g):
+    inp = inp.detach().clone().requires_grad_()
+    (out,) = torch.autograd.grad(fn(inp), inp, g)
+    return out
+
+
+def test_cuda_kernels_registered():
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mpncov::{name}", "CUDA"), (
+            f"mpncov::{name} has no CUDA kernel: was the extension built with CUDA?")
+
+
+# ---- forward and gradient against CPU and the reference -----------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c,m", CM)
+def test_covpool(c, m, dtype):
+    x = features(2, c, m, seed=c + m)
+    out = mpncov.covpool(x.to(DEV, dtype))
+    assert out.dtype == dtype and out.shape == (2, c, c)
+    assert_rel(out, ref_covpool(x), TOL[dtype], "covpool")
+    assert torch.equal(out, out.transpose(1, 2)), "covpool output must be exactly symmetric"
+    g = torch.randn(2, c, c, generator=gen(1), dtype=F64)
+    dx = grad_of(mpncov.covpool, x.to(DEV, dtype), g.to(DEV, dtype))
+    assert_rel(dx, grad_of(ref_covpool, x, g), GRAD_TOL[dtype], "covpool grad")
+    if dtype == F64:
+        assert_rel(out, mpncov.covpool(x), TOL[dtype], "covpool cuda vs cpu")
+        assert_rel(dx, grad_of(mpncov.covpool, x, g), GRAD_TOL[dtype], "covpool grad cuda vs cpu")
+
+
+@pytest.mark.parametrize("hw", [(14, 14), (28, 28), (3, 5)])
+def test_covpool_4d(hw):
+    x = torch.randn(3, 20, *hw, generator=gen(2), dtype=F64)
+    out = mpncov.covpool(x.to(DEV))
+    assert_rel(out, ref_covpool(x), TOL[F64], "covpool 4d")
+    g = torch.randn(3, 20, 20, generator=gen(3), dtype=F64)
+    dx = grad_of(mpncov.covpool, x.to(DEV), g.to(DEV))
+    assert dx.shape == x.shape
+    assert_rel(dx, grad_of(ref_covpool, x, g), GRAD_TOL[F64], "covpool 4d grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c,iters", CN)
+def test_sqrtm(c, iters, dtype):
+    s = spd(2, c, seed=c)
+    out = mpncov.sqrtm(s.to(DEV, dtype), iters=iters)
+    assert out.dtype == dtype and out.shape == (2, c, c)
+    assert_rel(out, ref_sqrtm(s, iters), TOL[dtype], "sqrtm")
+    g = torch.randn(2, c, c, generator=gen(4), dtype=F64)  # not symmetric
+    ds = grad_of(lambda a: mpncov.sqrtm(a, iters=iters), s.to(DEV, dtype), g.to(DEV, dtype))
+    ref = grad_of(lambda a: ref_sqrtm(a, iters), s, g)
+    assert_rel(ds, ref, GRAD_TOL[dtype], "sqrtm grad")
+    if dtype == F64:
+        assert_rel(out, mpncov.sqrtm(s, iters=iters), TOL[dtype], "sqrtm cuda vs cpu")
+
+
+@pytest.mark.parametrize("symmetric_grad", [False, True])
+@pytest.mark.parametrize("iters", range(1, 9))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sqrtm_raw_ops_vs_cpu(iters, symmetric_grad, dtype):
+    c = 70 if iters % 2 else 129
+    s = spd(3, c, seed=iters, dtype=dtype)
+    s[1] = 0  # a zero sample: zero output, zero gradient
+    out, saved = torch.ops.mpncov.sqrtm(s.to(DEV), iters)
+    out_cpu, saved_cpu = torch.ops.mpncov.sqrtm(s, iters)
+    assert saved.shape == (3, 3 * (iters - 1) + 1, c, c) and saved.dtype == dtype
+    assert_rel(out, out_cpu, TOL[dtype], "sqrtm out")
+    assert_rel(saved, saved_cpu, TOL[dtype], "sqrtm saved")
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    g = torch.randn(3, c, c, generator=gen(5), dtype=F64).to(dtype)
+    ds = torch.ops.mpncov.sqrtm_backward(g.to(DEV), s.to(DEV), saved, iters, symmetric_grad)
+    ds_cpu = torch.ops.mpncov.sqrtm_backward(g, s, saved_cpu, iters, symmetric_grad)
+    assert_rel(ds, ds_cpu, GRAD_TOL[dtype], "sqrtm_backward cuda vs cpu")
+    assert torch.equal(ds[1], torch.zeros_like(ds[1]))
+    # Against the reference: symmetric_grad uses (G + G^T)/2.
+    gs = 0.5 * (g + g.transpose(1, 2)) if symmetric_grad else g
+    ref = grad_of(lambda a: ref_sqrtm(a, iters), s.double(), gs.double())
+    ref[1] = 0
+    assert_rel(ds, ref, GRAD_TOL[dtype], "sqrtm_backward vs reference")
+    if symmetric_grad:
+        assert_rel(ds, ds.transpose(1, 2), TOL[dtype], "sqrtm_backward symmetric")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c", C_VALUES)
+def test_triuvec(c, dtype):
+    s = torch.randn(2, c, c, generator=gen(c), dtype=F64)
+    v = mpncov.triuvec(s.to(DEV, dtype))
+    assert v.shape == (2, c * (c + 1) // 2) and v.dtype == dtype
+    assert torch.equal(v.cpu(), ref_triuvec(s).to(dtype))
+    assert torch.equal(v.cpu(), mpncov.triuvec(s.to(dtype)))
+    g = torch.randn(2, c * (c + 1) // 2, generator=gen(6), dtype=F64).to(dtype)
+    back = torch.ops.mpncov.triuvec_backward(g.to(DEV), c)
+    assert torch.equal(back.cpu(), torch.ops.mpncov.triuvec_backward(g, c))
+    assert torch.equal(back.cpu(), grad_of(ref_triuvec, s.to(dtype), g))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c,m,iters", [(1, 1, 1), (3, 7, 3), (17, 196, 5), (64, 784, 8),
+                                       (127, 196, 5), (128, 196, 3), (129, 7, 5),
+                                       (256, 196, 5), (300, 784, 3)])
+def test_isqrt_cov(c, m, iters, dtype):
+    x = features(2, c, m, seed=c * m)
+    out = mpncov.isqrt_cov(x.to(DEV, dtype), iters=iters)
+    assert out.shape == (2, c * (c + 1) // 2) and out.dtype == dtype
+    assert_rel(out, ref_isqrt_cov(x, iters), TOL[dtype] * 5, "isqrt_cov")
+    g = torch.randn(out.shape, generator=gen(7), dtype=F64)
+    dx = grad_of(lambda a: mpncov.isqrt_cov(a, iters=iters), x.to(DEV, dtype), g.to(DEV, dtype))
+    ref = grad_of(lambda a: ref_isqrt_cov(a, iters), x, g)
+    assert_rel(dx, ref, GRAD_TOL[dtype] * 5, "isqrt_cov grad")
+    if dtype == F64:
+        assert_rel(out, mpncov.isqrt_cov(x, iters=iters), TOL[dtype], "isqrt_cov cuda vs cpu")
+        cpu = grad_of(lambda a: mpncov.isqrt_cov(a, iters=iters), x, g)
+        assert_rel(dx, cpu, GRAD_TOL[dtype], "isqrt_cov grad cuda vs cpu")
+
+
+def test_zero_input_gives_zero_and_finite_grad():
+    x = torch.ones(2, 5, 9, device=DEV, dtype=F64, requires_grad=True)  # constant features
+    out = mpncov.isqrt_cov(x, iters=5)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.backward(torch.randn_like(out))
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad, torch.zeros_like(x.grad))
+    s = torch.zeros(2, 4, 4, device=DEV, requires_grad=True)
+    y = mpncov.sqrtm(s, iters=3)
+    assert torch.equal(y, torch.zeros_like(y))
+    y.backward(torch.randn_like(y))
+    assert torch.equal(s.grad, torch.zeros_like(s.grad))
+
+
+def test_empty_batch():
+    x = torch.randn(0, 5, 7, device=DEV)
+    assert mpncov.covpool(x).shape == (0, 5, 5)
+    assert mpncov.isqrt_cov(x, iters=3).shape == (0, 15)
+    out, saved = torch.ops.mpncov.sqrtm(torch.randn(0, 5, 5, device=DEV), 3)
+    assert out.shape == (0, 5, 5) and saved.shape == (0, 7, 5, 5)
+    assert torch.ops.mpncov.triuvec(torch.randn(0, 5, 5, device=DEV)).shape == (0, 15)
+
+
+# ---- half precision and autocast -----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    x = features(2, 64, 196, seed=8)
+    xh = x.to(DEV, dtype)
+    out = mpncov.isqrt_cov(xh, iters=5)
+    assert out.dtype == dtype
+    assert_rel(out, ref_isqrt_cov(xh.double().cpu(), 5), HALF_TOL[dtype], "isqrt_cov half")
+    s = spd(2, 33, seed=9)
+    y, saved = torch.ops.mpncov.sqrtm(s.to(DEV, dtype), 5)
+    assert y.dtype == dtype and saved.dtype == torch.float32
+    assert_rel(y, ref_sqrtm(s.to(dtype).double(), 5), HALF_TOL[dtype], "sqrtm half")
+    assert mpncov.covpool(xh).dtype == dtype
+    assert mpncov.triuvec(y).dtype == dtype
+    g = torch.randn(out.shape, generator=gen(10), dtype=F64)
+    dx = grad_of(lambda a: mpncov.isqrt_cov(a, iters=5), xh, g.to(DEV, dtype))
+    assert dx.dtype == dtype
+    ref = grad_of(lambda a: ref_isqrt_cov(a, 5), xh.double().cpu(), g)
+    assert_rel(dx, ref, HALF_TOL[dtype] * 2, "isqrt_cov half grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast(dtype):
+    conv = torch.nn.Conv2d(16, 32, 1, bias=False).to(DEV)
+    x = torch.randn(2, 16, 7, 7, device=DEV, generator=torch.Generator(DEV).manual_seed(0))
+    with torch.autocast("cuda", dtype=dtype):
+        f = conv(x)
+        out = mpncov.isqrt_cov(f, iters=5)
+    assert out.shape == (2, 32 * 33 // 2)
+    assert torch.isfinite(out).all()
+    ref = ref_isqrt_cov(f.detach().double().cpu(), 5)
+    assert_rel(out, ref, HALF_TOL[dtype], "isqrt_cov under autocast")
+    out.float().sum().backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+
+
+# ---- gradcheck, opcheck, compile ----------------------------------------------------------
+
+def _spd_from(a):
+    return a @ a.transpose(1, 2) / a.shape[-1] + 0.5 * torch.eye(a.shape[1], dtype=a.dtype,
+                                                                  device=a.device)
+
+
+def test_gradcheck_covpool_triuvec():
+    x = torch.randn(2, 4, 6, device=DEV, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(mpncov.covpool, (x,))
+    s = torch.randn(2, 4, 4, device=DEV, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(mpncov.triuvec, (s,))
+
+
+@pytest.mark.parametrize("iters", range(1, 9))
+def test_gradcheck_sqrtm(iters):
+    # SPD input (symmetric perturbations through _spd_from); the incoming gradient of
+    # gradcheck is not symmetric.
+    a = torch.randn(2, 5, 7, device=DEV, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: mpncov.sqrtm(_spd_from(t), iters=iters), (a,))
+
+
+@pytest.mark.parametrize("iters", [1, 3, 5])
+def test_gradcheck_isqrt_cov(iters):
+    x = torch.randn(2, 4, 6, device=DEV, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: mpncov.isqrt_cov(t, iters=iters), (x,))
+
+
+def _opcheck_cases():
+    x = torch.randn(2, 5, 9, device=DEV, requires_grad=True)
+    s = spd(2, 5).float().to(DEV).requires_grad_()
+    out, saved = torch.ops.mpncov.sqrtm(s.detach(), 3)
+    g = torch.randn(2, 5, 5, device=DEV)
+    return [
+        (torch.ops.mpncov.covpool.default, (x,)),
+        (torch.ops.mpncov.covpool_backward.default, (g, x.detach())),
+        (torch.ops.mpncov.sqrtm.default, (s, 3)),
+        (torch.ops.mpncov.sqrtm_backward.default, (g, s.detach(), saved, 3, False)),
+        (torch.ops.mpncov.sqrtm_backward.default, (g, s.detach(), saved, 3, True)),
+        (torch.ops.mpncov.triuvec.default, (s,)),
+        (torch.ops.mpncov.triuvec_backward.default, (torch.randn(2, 15, device=DEV), 5)),
+        (torch.ops.mpncov.isqrt_cov.default, (x, 3)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_reduce_overhead_matches_eager():
+    torch._dynamo.reset()
+    x = features(4, 32, 49, seed=11).float().to(DEV)
+    g = torch.randn(4, 32 * 33 // 2, device=DEV)
+
+    def step(inp):
+        inp = inp.detach().requires_grad_()
+        out = mpncov.isqrt_cov(inp, iters=5)
+        (dx,) = torch.autograd.grad(out, inp, g)
+        return out.detach(), dx
+
+    eager = step(x)
+    compiled = torch.compile(lambda inp: mpncov.isqrt_cov(inp, iters=5), mode="reduce-overhead")
+    for _ in range(4):  # warm-up and CUDA-graph replays
+        inp = x.detach().clone().requires_grad_()
+        out = compiled(inp)
+        (dx,) = torch.autograd.grad(out, inp, g)
+        out, dx = out.detach().clone(), dx.clone()
+        assert_rel(out, eager[0], 1e-6, "compiled forward")
+        assert_rel(dx, eager[1], 1e-5, "compiled backward")
+    torch._dynamo.reset()
+
+
+# ---- streams, determinism, memory ---------------------------------------------------------
+
+def _pipeline(x, g, iters=5):
+    inp = x.detach().requires_grad_()
+    out = mpncov.isqrt_cov(inp, iters=iters)
+    (dx,) = torch.autograd.grad(out, inp, g)
+    s = spd(x.shape[0], 40, seed=12).to(x.device, x.dtype).requires_grad_()
+    y = mpncov.sqrtm(s, iters=iters)
+    (ds,) = torch.autograd.grad(y, s, torch.ones_like(y))
+    return out.detach(), dx, y.detach(), ds
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_default_stream(dtype):
+    x = features(8, 130, 196, seed=13).to(DEV, dtype)
+    g = torch.randn(8, 130 * 131 // 2, device=DEV, dtype=dtype)
+    expected = _pipeline(x, g)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(10_000_000)  # delays the stream: a kernel on the wrong one races
+        got = _pipeline(x, g)
+    torch.cuda.current_stream().wait_stream(stream)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bitwise_deterministic(dtype):
+    x = features(4, 129, 196, seed=14).to(DEV, dtype)
+    g = torch.randn(4, 129 * 130 // 2, device=DEV, dtype=dtype)
+    first = _pipeline(x, g)
+    for _ in range(2):
+        for a, b in zip(_pipeline(x, g), first):
+            assert torch.equal(a, b)
+
+
+def test_no_memory_growth():
+    x = torch.randn(4, 32, 49, device=DEV)
+    g = torch.randn(4, 32 * 33 // 2, device=DEV)
+    for _ in range(10):
+        _pipeline(x, g)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(1000):
+        _pipeline(x, g)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+
+
+# ---- argument checks ----------------------------------------------------------------------
+
+def test_argument_errors():
+    # The Python layer (mpncov/ops.py) may reject some of these before the CUDA kernel does
+    # (ValueError / TypeError); the kernel's own checks raise RuntimeError.
+    errors = (RuntimeError, ValueError, TypeError)
+    ops = torch.ops.mpncov
+    with pytest.raises(errors, match="iters"):
+        ops.sqrtm(torch.eye(3, device=DEV)[None], 0)
+    with pytest.raises(errors, match="square"):
+        ops.sqrtm(torch.randn(2, 3, 4, device=DEV), 3)
+    with pytest.raises(errors, match="shape"):
+        ops.triuvec(torch.randn(3, 3, device=DEV))
+    with pytest.raises(errors, match=r"\(B, C, H, W\) or \(B, C, M\)|shape"):
+        ops.covpool(torch.randn(3, 3, device=DEV))
+    with pytest.raises(errors, match="dtype|float"):
+        ops.covpool(torch.ones(2, 3, 4, device=DEV, dtype=torch.int32))
+    with pytest.raises(errors):
+        ops.covpool_backward(torch.randn(2, 3, 3), torch.randn(2, 3, 4, device=DEV))
+    with pytest.raises(errors, match="saved"):
+        s = torch.eye(3, device=DEV)[None]
+        ops.sqrtm_backward(s, s, torch.zeros(1, 2, 3, 3, device=DEV), 3, False)
