@@ -73,9 +73,8 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t ite
     for (int64_t k = 1; k <= N - 1; ++k) {
       // Tk = 1.5 I - 0.5 Zk Yk
       at::Tensor tk = T(k);
-      tk.zero_();
-      tk.diagonal(0, 1, 2).fill_(1.5);
-      batched_product(tk, Z(k), Y(k), -0.5, 1.0, true);
+      batched_product(tk, Z(k), Y(k), -0.5, 0.0, true);
+      tk.diagonal(0, 1, 2).add_(1.5);
       mirror_upper(tk);
       at::Tensor ynext = (k == N - 1) ? y_final : Y(k + 1);
       batched_product(ynext, Y(k), tk, 1.0, 0.0, true);
@@ -92,60 +91,91 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t ite
   return {out.to(s_in.scalar_type()), saved};
 }
 
-// dL/dA from GY = dL/dY by the reverse recurrence (SPEC section 2). With `sym` the incoming
-// gradient is symmetric, so every dY, dZ and dA is symmetric and only their block upper
-// triangles are computed; dT is not symmetric and is computed in full.
-at::Tensor sqrtm_grad_a(const at::Tensor& gy, const at::Tensor& a, const at::Tensor& saved,
-                        int64_t N, bool sym) {
+// dL/dA from GY = dL/dY for a symmetric GY, by forward-mode differentiation.
+//
+// Y_N is a polynomial in A, and at a symmetric A the Frechet derivative L(A, .) of a
+// polynomial is self-adjoint: dL/dA = L(A, GY). So instead of running the recurrence
+// backwards we differentiate it forwards in the direction E = GY. For symmetric E every
+// derivative dYk, dZk, dTk is symmetric (a symmetric-valued function differentiated along
+// a symmetric direction), so each product computes only its block upper triangle:
+//   dZ1 = -0.5 E,  dY1 = 1.5 E - 0.5 (E A + A E)
+//   dTk = -0.5 (dZk Yk + Zk dYk)
+//   dY(k+1) = dYk Tk + Yk dTk,   dZ(k+1) = dTk Zk + Tk dZk
+//   dA = dY_N
+// About half the work of the reverse recurrence (which needs the full, non-symmetric dT).
+at::Tensor sqrtm_grad_a_symmetric(const at::Tensor& e, const at::Tensor& a,
+                                  const at::Tensor& saved, int64_t N) {
+  // E A + A E = X + X^T with X = E A.
+  at::Tensor x = at::bmm(e, a);
+  at::Tensor dy = e * 1.5 - (x + x.transpose(1, 2)) * 0.5;
+  if (N == 1) return dy;  // Y = 1.5 A - 0.5 A A has the same derivative as Y1
+  auto Y = [&](int64_t k) { return saved.select(1, k - 1); };
+  auto Z = [&](int64_t k) { return saved.select(1, N - 1 + k - 1); };
+  auto T = [&](int64_t k) { return saved.select(1, 2 * (N - 1) + k - 1); };
+  at::Tensor dz = e * -0.5;
+  at::Tensor dt = at::empty_like(dy);
+  at::Tensor dy_next = at::empty_like(dy);
+  at::Tensor dz_next = at::empty_like(dy);
+  for (int64_t k = 1; k <= N - 1; ++k) {
+    batched_product(dt, dz, Y(k), -0.5, 0.0, true);
+    batched_product(dt, Z(k), dy, -0.5, 1.0, true);
+    mirror_upper(dt);
+    batched_product(dy_next, dy, T(k), 1.0, 0.0, true);
+    batched_product(dy_next, Y(k), dt, 1.0, 1.0, true);
+    mirror_upper(dy_next);
+    std::swap(dy, dy_next);
+    if (k < N - 1) {
+      batched_product(dz_next, dt, Z(k), 1.0, 0.0, true);
+      batched_product(dz_next, T(k), dz, 1.0, 1.0, true);
+      mirror_upper(dz_next);
+      std::swap(dz, dz_next);
+    }
+  }
+  return dy;
+}
+
+// dL/dA from GY = dL/dY for any GY, by the reverse recurrence of SPEC section 2 (the
+// iterates are symmetric, so no transposes appear).
+at::Tensor sqrtm_grad_a_general(const at::Tensor& gy, const at::Tensor& a,
+                                const at::Tensor& saved, int64_t N) {
   if (N == 1) {
     // dA = 0.5 (GY (3I - A) - A GY) = 1.5 GY - 0.5 GY A - 0.5 A GY
     at::Tensor da = gy * 1.5;
-    batched_product(da, gy, a, -0.5, 1.0, sym);
-    batched_product(da, a, gy, -0.5, 1.0, sym);
-    if (sym) mirror_upper(da);
+    batched_product(da, gy, a, -0.5, 1.0, false);
+    batched_product(da, a, gy, -0.5, 1.0, false);
     return da;
   }
   auto Y = [&](int64_t k) { return saved.select(1, k - 1); };
   auto Z = [&](int64_t k) { return saved.select(1, N - 1 + k - 1); };
   auto T = [&](int64_t k) { return saved.select(1, 2 * (N - 1) + k - 1); };
-  const auto B = gy.size(0), C = gy.size(1);
-  at::Tensor dt = at::empty({B, C, C}, gy.options());
-  at::Tensor dy = at::empty({B, C, C}, gy.options());
-  at::Tensor dz = at::empty({B, C, C}, gy.options());
-  at::Tensor dy_next = at::empty({B, C, C}, gy.options());
-  at::Tensor dz_next = at::empty({B, C, C}, gy.options());
+  at::Tensor dt = at::empty_like(gy);
+  at::Tensor dy = at::empty_like(gy);
+  at::Tensor dz = at::empty_like(gy);
+  at::Tensor dy_next = at::empty_like(gy);
+  at::Tensor dz_next = at::empty_like(gy);
   // Last step, Y = Y(N-1) T(N-1):
   //   dT = Y(N-1) GY;  dY = GY T(N-1) - 0.5 Z(N-1) dT;  dZ = -0.5 dT Y(N-1)
   const int64_t L = N - 1;
   batched_product(dt, Y(L), gy, 1.0, 0.0, false);
-  batched_product(dy, gy, T(L), 1.0, 0.0, sym);
-  batched_product(dy, Z(L), dt, -0.5, 1.0, sym);
-  batched_product(dz, dt, Y(L), -0.5, 0.0, sym);
-  if (sym) {
-    mirror_upper(dy);
-    mirror_upper(dz);
-  }
+  batched_product(dy, gy, T(L), 1.0, 0.0, false);
+  batched_product(dy, Z(L), dt, -0.5, 1.0, false);
+  batched_product(dz, dt, Y(L), -0.5, 0.0, false);
   // Steps k = N-2 .. 1: Y(k+1) = Yk Tk, Z(k+1) = Tk Zk, Tk = 0.5 (3I - Zk Yk):
   //   dT = Yk dY + dZ Zk;  dY' = dY Tk - 0.5 Zk dT;  dZ' = Tk dZ - 0.5 dT Yk
   for (int64_t k = N - 2; k >= 1; --k) {
     batched_product(dt, Y(k), dy, 1.0, 0.0, false);
     batched_product(dt, dz, Z(k), 1.0, 1.0, false);
-    batched_product(dy_next, dy, T(k), 1.0, 0.0, sym);
-    batched_product(dy_next, Z(k), dt, -0.5, 1.0, sym);
-    batched_product(dz_next, T(k), dz, 1.0, 0.0, sym);
-    batched_product(dz_next, dt, Y(k), -0.5, 1.0, sym);
-    if (sym) {
-      mirror_upper(dy_next);
-      mirror_upper(dz_next);
-    }
+    batched_product(dy_next, dy, T(k), 1.0, 0.0, false);
+    batched_product(dy_next, Z(k), dt, -0.5, 1.0, false);
+    batched_product(dz_next, T(k), dz, 1.0, 0.0, false);
+    batched_product(dz_next, dt, Y(k), -0.5, 1.0, false);
     std::swap(dy, dy_next);
     std::swap(dz, dz_next);
   }
   // First step, Y1 = A T0, Z1 = T0 = 0.5 (3I - A):  dA = dY T0 - 0.5 (A dY + dZ)
   at::Tensor da = dz * -0.5;
-  batched_product(da, dy, Z(1), 1.0, 1.0, sym);
-  batched_product(da, a, dy, -0.5, 1.0, sym);
-  if (sym) mirror_upper(da);
+  batched_product(da, dy, Z(1), 1.0, 1.0, false);
+  batched_product(da, a, dy, -0.5, 1.0, false);
   return da;
 }
 
@@ -176,7 +206,8 @@ at::Tensor sqrtm_backward_cpu(const at::Tensor& grad, const at::Tensor& s_in,
   at::Tensor root_t = t.sqrt();
   at::Tensor a = s / t;
   at::Tensor gy = g * root_t;  // dL/dY = sqrt(t) G
-  at::Tensor da = sqrtm_grad_a(gy, a, sv, N, symmetric_grad);
+  at::Tensor da = symmetric_grad ? sqrtm_grad_a_symmetric(gy, a, sv, N)
+                                 : sqrtm_grad_a_general(gy, a, sv, N);
   // out = sqrt(t) Y(A), A = S / t:
   //   dS = dA / t + (<G, Y> / (2 sqrt(t)) - <dA, A> / t) I
   at::Tensor y = sv.select(1, 3 * (N - 1));
