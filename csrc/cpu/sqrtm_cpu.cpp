@@ -13,7 +13,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -199,26 +201,69 @@ at::Tensor sqrtm_backward_cpu(const at::Tensor& grad, const at::Tensor& s_in,
   const auto ct = compute_dtype(s_in.scalar_type());
   at::Tensor s = s_in.to(ct).contiguous();
   at::Tensor sv = saved.to(ct).contiguous();
-  at::Tensor g = grad.to(ct);
-  g = symmetric_grad ? ((g + g.transpose(1, 2)) * 0.5).contiguous() : g.contiguous();
-  Traces tr = traces(s);
-  at::Tensor t = tr.divisor.view({B, 1, 1});
-  at::Tensor root_t = t.sqrt();
-  at::Tensor a = s / t;
-  at::Tensor gy = g * root_t;  // dL/dY = sqrt(t) G
+  at::Tensor g = grad.to(ct).contiguous();
+  at::Tensor y = sv.select(1, 3 * (N - 1));
+  at::Tensor a = at::empty({B, C, C}, s.options());
+  at::Tensor gy = at::empty({B, C, C}, s.options());
+  // Per sample: t (the trace), the divisor (t, or 1 for the zero matrix) and <G, Y>.
+  std::vector<double> trace(B), divisor(B), g_dot_y(B);
+  AT_DISPATCH_FLOATING_TYPES(ct, "sqrtm_backward_prologue", [&] {
+    // One pass: A = S / t, GY = sqrt(t) G (or its symmetric part), <G, Y>.
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t off = b * C * C;
+        const scalar_t* sp = s.data_ptr<scalar_t>() + off;
+        const scalar_t* gp = g.data_ptr<scalar_t>() + off;
+        const scalar_t* yp = y.data_ptr<scalar_t>() + b * y.stride(0);
+        scalar_t* ap = a.data_ptr<scalar_t>() + off;
+        scalar_t* gyp = gy.data_ptr<scalar_t>() + off;
+        double t = 0;
+        for (int64_t i = 0; i < C; ++i) t += sp[i * C + i];
+        const double div = t == 0 ? 1.0 : t;
+        const scalar_t inv = scalar_t(1.0 / div), root = scalar_t(std::sqrt(div));
+        const scalar_t half_root = root * scalar_t(0.5);
+        double gdy = 0;
+        for (int64_t i = 0; i < C; ++i) {
+          for (int64_t j = 0; j < C; ++j) {
+            const int64_t ij = i * C + j;
+            ap[ij] = sp[ij] * inv;
+            gyp[ij] = symmetric_grad ? half_root * (gp[ij] + gp[j * C + i]) : root * gp[ij];
+            gdy += double(gp[ij]) * double(yp[ij]);
+          }
+        }
+        trace[b] = t;
+        divisor[b] = div;
+        g_dot_y[b] = gdy;
+      }
+    });
+  });
   at::Tensor da = symmetric_grad ? sqrtm_grad_a_symmetric(gy, a, sv, N)
                                  : sqrtm_grad_a_general(gy, a, sv, N);
   // out = sqrt(t) Y(A), A = S / t:
   //   dS = dA / t + (<G, Y> / (2 sqrt(t)) - <dA, A> / t) I
-  at::Tensor y = sv.select(1, 3 * (N - 1));
-  at::Tensor g_y = (g * y).sum({1, 2}, true);
-  at::Tensor da_a = (da * a).sum({1, 2}, true);
-  at::Tensor diag = g_y / (2 * root_t) - da_a / t;
-  at::Tensor ds = da / t;
-  ds.diagonal(0, 1, 2).add_(diag.view({B, 1}));
   // At t = 0 (the zero matrix) sqrt(t) is not differentiable; SPEC asks for a finite zero
-  // gradient there instead of 0/0.
-  ds.masked_fill_((tr.t == 0).view({B, 1, 1}), 0);
+  // gradient there instead of 0/0. The division by t is done on dA in place.
+  at::Tensor ds = da.is_contiguous() ? da : da.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "sqrtm_backward_epilogue", [&] {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t off = b * C * C;
+        scalar_t* dp = ds.data_ptr<scalar_t>() + off;
+        const scalar_t* ap = a.data_ptr<scalar_t>() + off;
+        if (trace[b] == 0) {
+          std::fill(dp, dp + C * C, scalar_t(0));
+          continue;
+        }
+        double da_a = 0;
+        for (int64_t k = 0; k < C * C; ++k) da_a += double(dp[k]) * double(ap[k]);
+        const double div = divisor[b];
+        const scalar_t inv = scalar_t(1.0 / div);
+        const scalar_t diag = scalar_t(g_dot_y[b] / (2 * std::sqrt(div)) - da_a / div);
+        for (int64_t k = 0; k < C * C; ++k) dp[k] *= inv;
+        for (int64_t i = 0; i < C; ++i) dp[i * C + i] += diag;
+      }
+    });
+  });
   return ds.to(s_in.scalar_type());
 }
 
