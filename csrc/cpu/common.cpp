@@ -49,6 +49,17 @@ void batched_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& bm,
   }
 }
 
+void batched_product_sum(at::Tensor& out, const at::Tensor& a1, const at::Tensor& b1,
+                         const at::Tensor& a2, const at::Tensor& b2, double alpha, bool upper,
+                         at::Tensor& left, at::Tensor& right) {
+  const int64_t k = a1.size(2);
+  left.narrow(2, 0, k).copy_(a1);
+  left.narrow(2, k, k).copy_(a2);
+  right.narrow(1, 0, k).copy_(b1);
+  right.narrow(1, k, k).copy_(b2);
+  batched_product(out, left, right, alpha, 0.0, upper);
+}
+
 void mirror_upper(at::Tensor& m) {
   const int64_t B = m.size(0), n = m.size(1);
   const int64_t step = symmetric_block_size(n);

@@ -118,17 +118,16 @@ at::Tensor sqrtm_grad_a_symmetric(const at::Tensor& e, const at::Tensor& a,
   at::Tensor dt = at::empty_like(dy);
   at::Tensor dy_next = at::empty_like(dy);
   at::Tensor dz_next = at::empty_like(dy);
+  at::Tensor left = at::empty({e.size(0), e.size(1), 2 * e.size(2)}, e.options());
+  at::Tensor right = at::empty({e.size(0), 2 * e.size(1), e.size(2)}, e.options());
   for (int64_t k = 1; k <= N - 1; ++k) {
-    batched_product(dt, dz, Y(k), -0.5, 0.0, true);
-    batched_product(dt, Z(k), dy, -0.5, 1.0, true);
+    batched_product_sum(dt, dz, Y(k), Z(k), dy, -0.5, true, left, right);
     mirror_upper(dt);
-    batched_product(dy_next, dy, T(k), 1.0, 0.0, true);
-    batched_product(dy_next, Y(k), dt, 1.0, 1.0, true);
+    batched_product_sum(dy_next, dy, T(k), Y(k), dt, 1.0, true, left, right);
     mirror_upper(dy_next);
     std::swap(dy, dy_next);
     if (k < N - 1) {
-      batched_product(dz_next, dt, Z(k), 1.0, 0.0, true);
-      batched_product(dz_next, T(k), dz, 1.0, 1.0, true);
+      batched_product_sum(dz_next, dt, Z(k), T(k), dz, 1.0, true, left, right);
       mirror_upper(dz_next);
       std::swap(dz, dz_next);
     }
