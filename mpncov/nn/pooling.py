@@ -1,0 +1,119 @@
+"""Module wrappers around the covariance-pooling operators, and the iSQRT-COV head.
+
+The operators themselves (``mpncov.covpool``, ``mpncov.sqrtm``, ``mpncov.triuvec``,
+``mpncov.isqrt_cov``) live in the compiled extension; they are looked up at call time so
+importing this module never triggers the extension load (and so ``mpncov/__init__.py``
+may import ``mpncov.nn`` at any point of its own initialisation).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import mpncov as _ops  # attributes are read at call time only
+
+__all__ = ["CovPool", "Sqrtm", "Triuvec", "MPNCOV", "triu_col_order_index", "triu_row_to_col"]
+
+
+class CovPool(nn.Module):
+    """(B,C,H,W) or (B,C,M) -> (B,C,C) biased covariance, centred over the M positions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ops.covpool(x)
+
+
+class Sqrtm(nn.Module):
+    """Approximate matrix square root by ``iters`` coupled Newton-Schulz iterations (iSQRT)."""
+
+    def __init__(self, iters: int = 5):
+        super().__init__()
+        if int(iters) < 1:
+            raise ValueError(f"iters must be >= 1, got {iters}")
+        self.iters = int(iters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ops.sqrtm(x, self.iters)
+
+    def extra_repr(self) -> str:
+        return f"iters={self.iters}"
+
+
+class Triuvec(nn.Module):
+    """(B,C,C) -> (B, C(C+1)/2): upper triangle with diagonal, row-major."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ops.triuvec(x)
+
+
+def triu_col_order_index(dim: int, device=None) -> torch.Tensor:
+    """Index ``p`` such that ``vec_col = vec_row[:, p]``.
+
+    ``vec_row`` is :func:`mpncov.triuvec`'s row-major upper triangle; ``vec_col`` is the
+    column-major upper triangle (equal to the row-major lower triangle) that GSoP-Net's
+    own triuvec produced, i.e. the order a published GSoP-Net2 classifier expects.
+    """
+    rows, cols = torch.triu_indices(dim, dim, device=device)  # row-major (i <= j)
+    # column-major order of the same (i, j) pairs: sort by j then i
+    key = cols * dim + rows
+    return torch.argsort(key)
+
+
+def triu_row_to_col(vec: torch.Tensor, dim: int) -> torch.Tensor:
+    """Reorder a row-major triangle vector (B, K) to the column-major (GSoP-Net) order."""
+    return vec.index_select(-1, triu_col_order_index(dim, vec.device))
+
+
+class MPNCOV(nn.Module):
+    """Matrix power normalised covariance pooling (the iSQRT-COV head).
+
+    [optional 1x1 conv (no bias) ``input_dim -> dimension_reduction`` + BN + ReLU, stored
+    as ``conv_dr_block``] -> covpool -> sqrtm(``iterNum``) if ``is_sqrt`` -> triuvec if
+    ``is_vec``. Output: (B, d(d+1)/2) when ``is_vec`` else the (B, d, d) matrix flattened
+    to (B, d*d); ``output_dim`` holds that size. Argument names follow the published
+    module so configurations carry over; ``is_sqrt and is_vec`` uses the fused
+    :func:`mpncov.isqrt_cov` operator.
+    """
+
+    def __init__(self, iterNum: int = 3, is_sqrt: bool = True, is_vec: bool = True,
+                 input_dim: int = 2048, dimension_reduction: int | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.iterNum = int(iterNum)
+        self.is_sqrt = bool(is_sqrt)
+        self.is_vec = bool(is_vec)
+        self.dr = dimension_reduction
+        if self.dr is not None:
+            self.conv_dr_block = nn.Sequential(
+                nn.Conv2d(input_dim, self.dr, kernel_size=1, stride=1, bias=False, **dd),
+                nn.BatchNorm2d(self.dr, **dd),
+                nn.ReLU(inplace=True),
+            )
+        d = self.dr if self.dr else input_dim
+        self.dim = d
+        self.output_dim = d * (d + 1) // 2 if self.is_vec else d * d
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dr is not None:
+            x = self.conv_dr_block(x)
+        if self.is_sqrt and self.is_vec:
+            return _ops.isqrt_cov(x, self.iterNum)
+        x = _ops.covpool(x)
+        if self.is_sqrt:
+            x = _ops.sqrtm(x, self.iterNum)
+        if self.is_vec:
+            return _ops.triuvec(x)
+        return x.flatten(1)
+
+    def extra_repr(self) -> str:
+        return (f"iterNum={self.iterNum}, is_sqrt={self.is_sqrt}, is_vec={self.is_vec}, "
+                f"output_dim={self.output_dim}")
