@@ -9,6 +9,7 @@ installed (build isolation would download another torch and break the ABI).
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -44,6 +45,13 @@ def extensions():
     if os.environ.get("MPNCOV_DEBUG", "0") == "1":
         cxx_flags = ["-O0", "-g"]
     define_macros = []
+    link_args = []
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        # at::parallel_for is a header template: without -fopenmp its `omp parallel` would
+        # be ignored and every batch loop would run on one thread. The soname libgomp.so.1
+        # resolves to the runtime torch already loaded, so there is one thread pool.
+        cxx_flags.append("-fopenmp")
+        link_args.append("-fopenmp")
     archs = None
     if with_cuda:
         archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -54,10 +62,11 @@ def extensions():
             sources,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link_args,
         )
     else:
         ext = CppExtension("mpncov._C", sources, define_macros=define_macros,
-                           extra_compile_args={"cxx": cxx_flags})
+                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_args)
     _write_build_config(with_cuda, archs)
     return [ext]
 

@@ -12,7 +12,8 @@ F64 = torch.float64
 
 # (B, C, M): C = 1, odd C, M < C (rank deficient), M = 1, and C large enough for the
 # blocked symmetric products (C >= 96) with a ragged last block.
-SHAPES = [(2, 1, 5), (3, 7, 11), (2, 16, 5), (2, 5, 1), (1, 33, 40), (2, 130, 50), (2, 200, 30)]
+SHAPES = [(2, 1, 5), (3, 7, 11), (2, 16, 5), (2, 5, 1), (1, 33, 40), (2, 50, 20), (2, 130, 50),
+          (2, 200, 30)]
 
 
 def _x(shape, device="cpu", dtype=F64, seed=0):
@@ -52,7 +53,7 @@ def test_covpool_accepts_4d_input(device):
 
 
 @pytest.mark.parametrize("iters", range(1, 9))
-@pytest.mark.parametrize("shape", [(3, 7, 11), (2, 16, 5), (2, 130, 50)])
+@pytest.mark.parametrize("shape", [(3, 7, 11), (2, 16, 5), (2, 50, 20), (2, 130, 50)])
 def test_sqrtm_matches_reference(shape, iters, device):
     b, c, m = shape
     s = spd(b, c, m=m, device=device)
