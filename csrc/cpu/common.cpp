@@ -3,6 +3,11 @@
 #include "blas.h"
 
 #include <algorithm>
+#include <cstdint>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace mpncov {
 
@@ -19,6 +24,18 @@ void check_square(const at::Tensor& t, const char* op, const char* arg) {
   check_input(t, op, arg, 3);
   TORCH_CHECK_VALUE(t.size(1) == t.size(2), "mpncov.", op, ": ", arg,
                     " must be a batch of square matrices (B, C, C), got shape ", t.sizes());
+}
+
+at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#ifdef __linux__
+  constexpr uintptr_t huge = uintptr_t(1) << 21;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  const uintptr_t first = (begin + huge - 1) & ~(huge - 1), last = end & ~(huge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
+  return t;
 }
 
 int64_t symmetric_block_size(int64_t n) {

@@ -12,7 +12,7 @@ namespace {
 
 // Xc = X - row means, in the compute dtype, contiguous (B, C, M).
 at::Tensor centred(const at::Tensor& x) {
-  at::Tensor xc = at::empty(x.sizes(), x.options().dtype(compute_dtype(x.scalar_type())));
+  at::Tensor xc = empty_buffer(x.sizes(), x.options().dtype(compute_dtype(x.scalar_type())));
   xc.copy_(x);
   const int64_t rows = xc.size(0) * xc.size(1), M = xc.size(2);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "covpool_centre", [&] {
@@ -63,7 +63,7 @@ at::Tensor covpool_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
   // G + G^T, fused into one pass.
   at::Tensor g = grad.to(xc.scalar_type());
   at::Tensor gs = (g + g.transpose(1, 2)).contiguous();
-  at::Tensor dx = at::empty({B, C, M}, xc.options());
+  at::Tensor dx = empty_buffer({B, C, M}, xc.options());
   batched_product(dx, gs, xc, 1.0 / M, 0.0, /*upper=*/false);
   return dx.to(x.scalar_type());
 }

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "blas.h"
 #include "common.h"
 
 namespace mpncov {
@@ -49,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t ite
   check_iters(iters, "sqrtm");
   const int64_t B = s_in.size(0), C = s_in.size(1), N = iters;
   const auto ct = compute_dtype(s_in.scalar_type());
-  at::Tensor saved = at::empty({B, 3 * (N - 1) + 1, C, C}, s_in.options().dtype(ct));
+  at::Tensor saved = empty_buffer({B, 3 * (N - 1) + 1, C, C}, s_in.options().dtype(ct));
   if (B == 0 || C == 0) return {at::empty({B, C, C}, s_in.options()), saved};
 
   at::Tensor s = s_in.to(ct).contiguous();
@@ -115,11 +116,13 @@ at::Tensor sqrtm_grad_a_symmetric(const at::Tensor& e, const at::Tensor& a,
   auto Z = [&](int64_t k) { return saved.select(1, N - 1 + k - 1); };
   auto T = [&](int64_t k) { return saved.select(1, 2 * (N - 1) + k - 1); };
   at::Tensor dz = e * -0.5;
-  at::Tensor dt = at::empty_like(dy);
-  at::Tensor dy_next = at::empty_like(dy);
-  at::Tensor dz_next = at::empty_like(dy);
-  at::Tensor left = at::empty({e.size(0), e.size(1), 2 * e.size(2)}, e.options());
-  at::Tensor right = at::empty({e.size(0), 2 * e.size(1), e.size(2)}, e.options());
+  at::Tensor dt = empty_buffer(dy.sizes(), dy.options());
+  at::Tensor dy_next = empty_buffer(dy.sizes(), dy.options());
+  at::Tensor dz_next = empty_buffer(dy.sizes(), dy.options());
+  // Packing workspaces, only needed where BLAS is not called directly.
+  const bool pack = !blas_available(e.scalar_type());
+  at::Tensor left = pack ? at::empty({e.size(0), e.size(1), 2 * e.size(2)}, e.options()) : e;
+  at::Tensor right = pack ? at::empty({e.size(0), 2 * e.size(1), e.size(2)}, e.options()) : e;
   for (int64_t k = 1; k <= N - 1; ++k) {
     batched_product_sum(dt, dz, Y(k), Z(k), dy, -0.5, true, left, right);
     mirror_upper(dt);
@@ -202,8 +205,8 @@ at::Tensor sqrtm_backward_cpu(const at::Tensor& grad, const at::Tensor& s_in,
   at::Tensor sv = saved.to(ct).contiguous();
   at::Tensor g = grad.to(ct).contiguous();
   at::Tensor y = sv.select(1, 3 * (N - 1));
-  at::Tensor a = at::empty({B, C, C}, s.options());
-  at::Tensor gy = at::empty({B, C, C}, s.options());
+  at::Tensor a = empty_buffer({B, C, C}, s.options());
+  at::Tensor gy = empty_buffer({B, C, C}, s.options());
   // Per sample: t (the trace), the divisor (t, or 1 for the zero matrix) and <G, Y>.
   std::vector<double> trace(B), divisor(B), g_dot_y(B);
   AT_DISPATCH_FLOATING_TYPES(ct, "sqrtm_backward_prologue", [&] {
