@@ -32,9 +32,10 @@ void check_square(const at::Tensor& t, const char* op, const char* arg);
 void batched_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& bm, double alpha,
                      double beta, bool upper);
 
-// out[b] = alpha * (a1[b] @ b1[b] + a2[b] @ b2[b]), as ONE product [a1 | a2] @ [b1 ; b2]:
-// a GEMM with twice the inner size is faster than two GEMMs and an add, and the packing
-// costs O(n^2). `left` (B, n, 2k) and `right` (B, 2k, m) are caller-owned workspaces.
+// out[b] = alpha * (a1[b] @ b1[b] + a2[b] @ b2[b]). With direct BLAS the second product
+// accumulates into the first (beta = 1). Without it, ATen cannot accumulate into strided
+// blocks cheaply, so the sum is one product [a1 | a2] @ [b1 ; b2] packed into the
+// caller-owned workspaces `left` (B, n, 2k) and `right` (B, 2k, m).
 void batched_product_sum(at::Tensor& out, const at::Tensor& a1, const at::Tensor& b1,
                          const at::Tensor& a2, const at::Tensor& b2, double alpha, bool upper,
                          at::Tensor& left, at::Tensor& right);
