@@ -41,6 +41,17 @@ void scale_add_identity(at::Tensor& m, double c, double a) {
   m.diagonal(0, 1, 2).add_(a);
 }
 
+// The layout of the `saved` output of sqrtm, (B, 3(N-1)+1, C, C):
+// [Y_1..Y_{N-1}, Z_1..Z_{N-1}, T_1..T_{N-1}, Y_N], k = 1..N-1 for Y, Z and T.
+struct SavedIterates {
+  const at::Tensor& saved;
+  int64_t N;
+  at::Tensor Y(int64_t k) const { return saved.select(1, k - 1); }
+  at::Tensor Z(int64_t k) const { return saved.select(1, N - 1 + k - 1); }
+  at::Tensor T(int64_t k) const { return saved.select(1, 2 * (N - 1) + k - 1); }
+  at::Tensor final_y() const { return saved.select(1, 3 * (N - 1)); }
+};
+
 void check_iters(int64_t iters, const char* op) {
   TORCH_CHECK_VALUE(iters >= 1, "mpncov.", op, ": iters must be >= 1, got ", iters);
 }
@@ -56,35 +67,33 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t ite
   at::Tensor s = s_in.to(ct).contiguous();
   Traces tr = traces(s);
   at::Tensor a = s / tr.divisor.view({B, 1, 1});
-  at::Tensor y_final = saved.select(1, 3 * (N - 1));
+  at::Tensor y_final = SavedIterates{saved, N}.final_y();
   if (N == 1) {
     // Y = 0.5 A (3I - A) = 1.5 A - 0.5 A A
     y_final.copy_(a);
     batched_product(y_final, a, a, -0.5, 1.5, /*upper=*/true);
     mirror_upper(y_final);
   } else {
-    auto Y = [&](int64_t k) { return saved.select(1, k - 1); };           // k = 1..N-1
-    auto Z = [&](int64_t k) { return saved.select(1, N - 1 + k - 1); };
-    auto T = [&](int64_t k) { return saved.select(1, 2 * (N - 1) + k - 1); };
+    const SavedIterates it{saved, N};
     // First step: Z1 = T0 = 0.5 (3I - A), Y1 = A T0.
-    at::Tensor z1 = Z(1);
+    at::Tensor z1 = it.Z(1);
     z1.copy_(a);
     scale_add_identity(z1, -0.5, 1.5);
-    at::Tensor y1 = Y(1);
+    at::Tensor y1 = it.Y(1);
     batched_product(y1, a, z1, 1.0, 0.0, true);
     mirror_upper(y1);
     for (int64_t k = 1; k <= N - 1; ++k) {
       // Tk = 1.5 I - 0.5 Zk Yk
-      at::Tensor tk = T(k);
-      batched_product(tk, Z(k), Y(k), -0.5, 0.0, true);
+      at::Tensor tk = it.T(k);
+      batched_product(tk, it.Z(k), it.Y(k), -0.5, 0.0, true);
       tk.diagonal(0, 1, 2).add_(1.5);
       mirror_upper(tk);
-      at::Tensor ynext = (k == N - 1) ? y_final : Y(k + 1);
-      batched_product(ynext, Y(k), tk, 1.0, 0.0, true);
+      at::Tensor ynext = (k == N - 1) ? y_final : it.Y(k + 1);
+      batched_product(ynext, it.Y(k), tk, 1.0, 0.0, true);
       mirror_upper(ynext);
       if (k < N - 1) {
-        at::Tensor znext = Z(k + 1);
-        batched_product(znext, tk, Z(k), 1.0, 0.0, true);
+        at::Tensor znext = it.Z(k + 1);
+        batched_product(znext, tk, it.Z(k), 1.0, 0.0, true);
         mirror_upper(znext);
       }
     }
@@ -112,9 +121,7 @@ at::Tensor sqrtm_grad_a_symmetric(const at::Tensor& e, const at::Tensor& a,
   at::Tensor x = at::bmm(e, a);
   at::Tensor dy = e * 1.5 - (x + x.transpose(1, 2)) * 0.5;
   if (N == 1) return dy;  // Y = 1.5 A - 0.5 A A has the same derivative as Y1
-  auto Y = [&](int64_t k) { return saved.select(1, k - 1); };
-  auto Z = [&](int64_t k) { return saved.select(1, N - 1 + k - 1); };
-  auto T = [&](int64_t k) { return saved.select(1, 2 * (N - 1) + k - 1); };
+  const SavedIterates it{saved, N};
   at::Tensor dz = e * -0.5;
   at::Tensor dt = empty_buffer(dy.sizes(), dy.options());
   at::Tensor dy_next = empty_buffer(dy.sizes(), dy.options());
@@ -124,13 +131,13 @@ at::Tensor sqrtm_grad_a_symmetric(const at::Tensor& e, const at::Tensor& a,
   at::Tensor left = pack ? at::empty({e.size(0), e.size(1), 2 * e.size(2)}, e.options()) : e;
   at::Tensor right = pack ? at::empty({e.size(0), 2 * e.size(1), e.size(2)}, e.options()) : e;
   for (int64_t k = 1; k <= N - 1; ++k) {
-    batched_product_sum(dt, dz, Y(k), Z(k), dy, -0.5, true, left, right);
+    batched_product_sum(dt, dz, it.Y(k), it.Z(k), dy, -0.5, true, left, right);
     mirror_upper(dt);
-    batched_product_sum(dy_next, dy, T(k), Y(k), dt, 1.0, true, left, right);
+    batched_product_sum(dy_next, dy, it.T(k), it.Y(k), dt, 1.0, true, left, right);
     mirror_upper(dy_next);
     std::swap(dy, dy_next);
     if (k < N - 1) {
-      batched_product_sum(dz_next, dt, Z(k), T(k), dz, 1.0, true, left, right);
+      batched_product_sum(dz_next, dt, it.Z(k), it.T(k), dz, 1.0, true, left, right);
       mirror_upper(dz_next);
       std::swap(dz, dz_next);
     }
@@ -149,9 +156,7 @@ at::Tensor sqrtm_grad_a_general(const at::Tensor& gy, const at::Tensor& a,
     batched_product(da, a, gy, -0.5, 1.0, false);
     return da;
   }
-  auto Y = [&](int64_t k) { return saved.select(1, k - 1); };
-  auto Z = [&](int64_t k) { return saved.select(1, N - 1 + k - 1); };
-  auto T = [&](int64_t k) { return saved.select(1, 2 * (N - 1) + k - 1); };
+  const SavedIterates it{saved, N};
   at::Tensor dt = at::empty_like(gy);
   at::Tensor dy = at::empty_like(gy);
   at::Tensor dz = at::empty_like(gy);
@@ -160,25 +165,25 @@ at::Tensor sqrtm_grad_a_general(const at::Tensor& gy, const at::Tensor& a,
   // Last step, Y = Y(N-1) T(N-1):
   //   dT = Y(N-1) GY;  dY = GY T(N-1) - 0.5 Z(N-1) dT;  dZ = -0.5 dT Y(N-1)
   const int64_t L = N - 1;
-  batched_product(dt, Y(L), gy, 1.0, 0.0, false);
-  batched_product(dy, gy, T(L), 1.0, 0.0, false);
-  batched_product(dy, Z(L), dt, -0.5, 1.0, false);
-  batched_product(dz, dt, Y(L), -0.5, 0.0, false);
+  batched_product(dt, it.Y(L), gy, 1.0, 0.0, false);
+  batched_product(dy, gy, it.T(L), 1.0, 0.0, false);
+  batched_product(dy, it.Z(L), dt, -0.5, 1.0, false);
+  batched_product(dz, dt, it.Y(L), -0.5, 0.0, false);
   // Steps k = N-2 .. 1: Y(k+1) = Yk Tk, Z(k+1) = Tk Zk, Tk = 0.5 (3I - Zk Yk):
   //   dT = Yk dY + dZ Zk;  dY' = dY Tk - 0.5 Zk dT;  dZ' = Tk dZ - 0.5 dT Yk
   for (int64_t k = N - 2; k >= 1; --k) {
-    batched_product(dt, Y(k), dy, 1.0, 0.0, false);
-    batched_product(dt, dz, Z(k), 1.0, 1.0, false);
-    batched_product(dy_next, dy, T(k), 1.0, 0.0, false);
-    batched_product(dy_next, Z(k), dt, -0.5, 1.0, false);
-    batched_product(dz_next, T(k), dz, 1.0, 0.0, false);
-    batched_product(dz_next, dt, Y(k), -0.5, 1.0, false);
+    batched_product(dt, it.Y(k), dy, 1.0, 0.0, false);
+    batched_product(dt, dz, it.Z(k), 1.0, 1.0, false);
+    batched_product(dy_next, dy, it.T(k), 1.0, 0.0, false);
+    batched_product(dy_next, it.Z(k), dt, -0.5, 1.0, false);
+    batched_product(dz_next, it.T(k), dz, 1.0, 0.0, false);
+    batched_product(dz_next, dt, it.Y(k), -0.5, 1.0, false);
     std::swap(dy, dy_next);
     std::swap(dz, dz_next);
   }
   // First step, Y1 = A T0, Z1 = T0 = 0.5 (3I - A):  dA = dY T0 - 0.5 (A dY + dZ)
   at::Tensor da = dz * -0.5;
-  batched_product(da, dy, Z(1), 1.0, 1.0, false);
+  batched_product(da, dy, it.Z(1), 1.0, 1.0, false);
   batched_product(da, a, dy, -0.5, 1.0, false);
   return da;
 }
@@ -204,7 +209,7 @@ at::Tensor sqrtm_backward_cpu(const at::Tensor& grad, const at::Tensor& s_in,
   at::Tensor s = s_in.to(ct).contiguous();
   at::Tensor sv = saved.to(ct).contiguous();
   at::Tensor g = grad.to(ct).contiguous();
-  at::Tensor y = sv.select(1, 3 * (N - 1));
+  at::Tensor y = SavedIterates{sv, N}.final_y();
   at::Tensor a = empty_buffer({B, C, C}, s.options());
   at::Tensor gy = empty_buffer({B, C, C}, s.options());
   // Per sample: t (the trace), the divisor (t, or 1 for the zero matrix) and <G, Y>.

@@ -35,6 +35,18 @@ inline bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 __device__ __forceinline__ float dev_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double dev_sqrt(double x) { return sqrt(x); }
 
+// Sample b, row i, column j of the flat index idx into a batch of row-major n x n matrices.
+struct MatrixIndex {
+  int64_t b, i, j;
+};
+__device__ __forceinline__ MatrixIndex matrix_index(int64_t idx, int n) {
+  const int64_t nn = static_cast<int64_t>(n) * n;
+  const int64_t b = idx / nn;
+  const int64_t rem = idx - b * nn;
+  const int64_t i = rem / n;
+  return {b, i, rem - i * n};
+}
+
 // trace used for normalisation: 0 is replaced by 1 so that a zero matrix stays zero.
 template <typename T>
 __device__ __forceinline__ T safe_trace(T t) {

@@ -78,10 +78,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t nn = static_cast<int64_t>(n) * n;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / nn;
-    const int64_t rem = idx - b * nn;
-    const int64_t i = rem / n;
-    const int64_t j = rem - i * n;
+    const auto [b, i, j] = matrix_index(idx, n);
     h[idx] = g[idx] + g[b * nn + j * n + i];
   }
 }

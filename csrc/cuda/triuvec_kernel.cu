@@ -16,14 +16,10 @@ __device__ __forceinline__ int64_t dev_triu_index(int64_t n, int64_t i, int64_t 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     triuvec_kernel(const T* __restrict__ s, T* __restrict__ v, int n, int64_t total) {
-  const int64_t nn = static_cast<int64_t>(n) * n;
   const int64_t k = static_cast<int64_t>(n) * (n + 1) / 2;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / nn;
-    const int64_t rem = idx - b * nn;
-    const int64_t i = rem / n;
-    const int64_t j = rem - i * n;
+    const auto [b, i, j] = matrix_index(idx, n);
     if (i <= j) v[b * k + dev_triu_index(n, i, j)] = s[idx];
   }
 }
@@ -32,14 +28,10 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     triuvec_backward_kernel(const T* __restrict__ g, T* __restrict__ out, int n, int64_t total) {
-  const int64_t nn = static_cast<int64_t>(n) * n;
   const int64_t k = static_cast<int64_t>(n) * (n + 1) / 2;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / nn;
-    const int64_t rem = idx - b * nn;
-    const int64_t i = rem / n;
-    const int64_t j = rem - i * n;
+    const auto [b, i, j] = matrix_index(idx, n);
     out[idx] = i <= j ? g[b * k + dev_triu_index(n, i, j)] : T(0);
   }
 }
