@@ -33,6 +33,12 @@ def registered_ops() -> dict:
     return result
 
 
+def cpu_products() -> str:
+    """How the CPU kernels multiply matrices: straight to torch's BLAS, or through ATen."""
+    import mpncov.ops  # noqa: F401  (loads the extension)
+    return torch.ops.mpncov._cpu_products()
+
+
 def _compiler() -> str:
     for line in torch.__config__.show().splitlines():
         line = line.strip()
@@ -52,6 +58,7 @@ def report() -> str:
         f"built against torch {cfg.get('BUILT_WITH_TORCH', 'unknown')}",
         f"CUDA kernels  {'built, archs ' + str(cfg.get('CUDA_ARCHS')) if cfg.get('WITH_CUDA') else 'not built (CPU only)'}",
         f"CPU threads   {torch.get_num_threads()}",
+        f"CPU products  {cpu_products()}",
         "operators (backend kernels):",
     ]
     for name, keys in registered_ops().items():

@@ -345,3 +345,52 @@ def test_info_reports_ops():
     text = info.report()
     for name in ("torch", "covpool", "sqrtm_backward", "CUDA kernels"):
         assert name in text
+
+
+# ------------------------------------------------------------ the ATen product path
+
+_FALLBACK_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import mpncov
+from reference import isqrt_cov_ref, sqrtm_ref, spd
+assert mpncov.info.cpu_products().startswith("ATen mm"), mpncov.info.cpu_products()
+for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 2e-3)):
+    for b, c, m in ((2, 7, 11), (2, 130, 50), (2, 200, 30)):
+        g = torch.Generator().manual_seed(c)
+        x = torch.randn(b, c, m, generator=g, dtype=torch.float64)
+        gv = torch.randn(b, c * (c + 1) // 2, generator=g, dtype=torch.float64)
+        xs = x.to(dtype).requires_grad_()
+        out = mpncov.isqrt_cov(xs, 3)
+        (dx,) = torch.autograd.grad(out, xs, gv.to(dtype))
+        xr = x.clone().requires_grad_()
+        out_r = isqrt_cov_ref(xr, 3)
+        (dx_r,) = torch.autograd.grad(out_r, xr, gv)
+        for a, r in ((out, out_r), (dx, dx_r)):
+            err = (a.double() - r).abs().max().item() / max(1.0, r.abs().max().item())
+            assert err < tol, (dtype, c, err)
+        s = spd(b, c).to(dtype).requires_grad_()
+        gs = torch.randn(b, c, c, generator=g, dtype=torch.float64)
+        (ds,) = torch.autograd.grad(mpncov.sqrtm(s, 4), s, gs.to(dtype))
+        sr = spd(b, c).requires_grad_()
+        (ds_r,) = torch.autograd.grad(sqrtm_ref(sr, 4), sr, gs)
+        err = (ds.double() - ds_r).abs().max().item() / max(1.0, ds_r.abs().max().item())
+        assert err < tol, ("sqrtm", dtype, c, err)
+print("ok")
+"""
+
+
+def test_aten_product_path_matches_reference():
+    """MPNCOV_CPU_DIRECT_BLAS=0 sends every CPU product through ATen's mm (the path used
+    where torch's BLAS exports no sgemm_/dgemm_); it must give the same results."""
+    import os
+    import subprocess
+    import sys
+
+    assert mpncov.info.cpu_products().startswith("direct BLAS") or "exports no" in \
+        mpncov.info.cpu_products()
+    env = dict(os.environ, MPNCOV_CPU_DIRECT_BLAS="0")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT, tests_dir], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -1,6 +1,10 @@
 #include "blas.h"
 
+#include <torch/library.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 extern "C" {
 // Fortran BLAS (column-major), resolved at load time from torch's own BLAS if exported.
@@ -41,9 +45,25 @@ void call_gemm(const char* ta, const char* tb, const int* m, const int* n, const
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+bool direct_blas_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("MPNCOV_CPU_DIRECT_BLAS");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return allowed;
+}
+
+template <typename T>
+at::Tensor as_tensor(const MatrixView<T>& x) {
+  return at::from_blob(const_cast<std::remove_const_t<T>*>(x.data), {x.rows, x.cols},
+                       {x.row_stride, x.col_stride},
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<std::remove_const_t<T>>::value));
+}
+
 }  // namespace
 
-bool blas_available(at::ScalarType t) {
+bool direct_blas(at::ScalarType t) {
+  if (!direct_blas_allowed()) return false;
   if (t == at::kFloat) return sgemm_ != nullptr;
   if (t == at::kDouble) return dgemm_ != nullptr;
   return false;
@@ -52,14 +72,31 @@ bool blas_available(at::ScalarType t) {
 template <typename T>
 void blas_gemm(const MatrixView<const T>& a, const MatrixView<const T>& b, const MatrixView<T>& c,
                T alpha, T beta) {
-  // Row-major C = A B  <=>  column-major C^T = B^T A^T.
   const int m = static_cast<int>(c.rows), n = static_cast<int>(c.cols);
   const int k = static_cast<int>(a.cols);
   if (m == 0 || n == 0) return;
+  if (!direct_blas(c10::CppTypeToScalarType<T>::value)) {
+    // addmm with beta == 0 ignores (does not propagate NaN from) the old content of c.
+    at::Tensor ct = as_tensor(c);
+    ct.addmm_(as_tensor(a), as_tensor(b), beta, alpha);
+    return;
+  }
+  // Row-major C = A B  <=>  column-major C^T = B^T A^T.
   const int ldc = static_cast<int>(std::max<int64_t>({c.row_stride, c.cols, 1}));
   const Operand ob = as_operand(b), oa = as_operand(a);
   call_gemm(&ob.op, &oa.op, &n, &m, &k, &alpha, b.data, &ob.ld, a.data, &oa.ld, &beta, c.data,
             &ldc);
+}
+
+// How the CPU kernels multiply matrices, for `python -m mpncov.info` and the tests.
+std::string cpu_products() {
+  if (direct_blas(at::kFloat) && direct_blas(at::kDouble)) return "direct BLAS (sgemm_/dgemm_ of torch's BLAS)";
+  if (!direct_blas_allowed()) return "ATen mm (direct BLAS disabled by MPNCOV_CPU_DIRECT_BLAS=0)";
+  return "ATen mm (torch's BLAS exports no sgemm_/dgemm_)";
+}
+
+TORCH_LIBRARY_FRAGMENT(mpncov, m) {
+  m.def("_cpu_products() -> str", &cpu_products);
 }
 
 template void blas_gemm<float>(const MatrixView<const float>&, const MatrixView<const float>&,

@@ -1,15 +1,18 @@
-// Direct calls of the BLAS that libtorch_cpu links (MKL or OpenBLAS), for per-sample
-// products on strided sub-blocks: ATen's bmm on such blocks takes a per-sample slow path
-// whose dispatch and view overhead costs as much as the arithmetic at C <= 256.
-// The symbols are weak: where torch's BLAS does not export them, blas_available() is
-// false and the caller falls back to ATen.
+// Products of one sample's matrices, called from inside a parallel loop over the batch.
+//
+// They go straight to the BLAS that libtorch_cpu links (MKL or OpenBLAS) through its
+// Fortran symbols sgemm_/dgemm_: ATen's bmm on strided sub-blocks takes a per-sample slow
+// path whose dispatch and view overhead costs as much as the arithmetic at C <= 256. The
+// symbols are weak; where torch's BLAS does not export them (or MPNCOV_CPU_DIRECT_BLAS=0
+// is set, which the tests use), the same product runs through ATen's mm on a view.
 #pragma once
 
 #include <ATen/ATen.h>
 
 namespace mpncov {
 
-bool blas_available(at::ScalarType t);
+// True when products go to BLAS directly (see above).
+bool direct_blas(at::ScalarType t);
 
 // A strided row-major matrix view: element (i, j) at data[i * row_stride + j * col_stride];
 // rows or columns must be dense (col_stride == 1 or row_stride == 1).
@@ -17,9 +20,21 @@ template <typename T>
 struct MatrixView {
   T* data;
   int64_t rows, cols, row_stride, col_stride;
+
+  MatrixView block(int64_t r0, int64_t nrows, int64_t c0, int64_t ncols) const {
+    return {data + r0 * row_stride + c0 * col_stride, nrows, ncols, row_stride, col_stride};
+  }
+  MatrixView<const T> as_const() const { return {data, rows, cols, row_stride, col_stride}; }
+  MatrixView transposed() const { return {data, cols, rows, col_stride, row_stride}; }
 };
 
-// c = alpha * a @ b + beta * c (float or double).
+// A dense row-major n x m matrix at p.
+template <typename T>
+MatrixView<T> dense(T* p, int64_t n, int64_t m) {
+  return {p, n, m, m, 1};
+}
+
+// c = alpha * a @ b + beta * c (float or double). beta == 0 ignores the old content of c.
 template <typename T>
 void blas_gemm(const MatrixView<const T>& a, const MatrixView<const T>& b, const MatrixView<T>& c,
                T alpha, T beta);

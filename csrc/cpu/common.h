@@ -1,9 +1,11 @@
-// Shared helpers of the CPU kernels: argument checks, the compute dtype policy, and
-// batched products that exploit symmetric outputs.
+// Shared helpers of the CPU kernels: argument checks, the compute dtype policy, work
+// buffers and the loop over the batch.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include <memory>
 
 namespace mpncov {
 
@@ -25,26 +27,17 @@ void check_input(const at::Tensor& t, const char* op, const char* arg, int64_t n
 // A (B, n, n) tensor.
 void check_square(const at::Tensor& t, const char* op, const char* arg);
 
-// out[b] = beta * out[b] + alpha * a[b] @ bm[b] for every sample b. When `upper` is set only
-// the blocks on or above the diagonal of out are computed (a symmetric result is completed
-// by mirror_upper); this costs about (k+1)/(2k) of the full product for k row blocks.
-// beta == 0 ignores the old content of out (it may be uninitialised).
-void batched_product(at::Tensor& out, const at::Tensor& a, const at::Tensor& bm, double alpha,
-                     double beta, bool upper);
-
-// out[b] = alpha * (a1[b] @ b1[b] + a2[b] @ b2[b]). With direct BLAS the second product
-// accumulates into the first (beta = 1). Without it, ATen cannot accumulate into strided
-// blocks cheaply, so the sum is one product [a1 | a2] @ [b1 ; b2] packed into the
-// caller-owned workspaces `left` (B, n, 2k) and `right` (B, 2k, m).
-void batched_product_sum(at::Tensor& out, const at::Tensor& a1, const at::Tensor& b1,
-                         const at::Tensor& a2, const at::Tensor& b2, double alpha, bool upper,
-                         at::Tensor& left, at::Tensor& right);
-
-// Copy the block upper triangle written by batched_product(..., upper=true) to the lower
-// one, so that m[b] is symmetric.
-void mirror_upper(at::Tensor& m);
-
-// Row-block size used by batched_product's upper mode for an n x n output.
-int64_t symmetric_block_size(int64_t n);
+// fn(b, scratch) for every sample b in [0, B), threads over the batch. Each sample runs
+// start to finish on one thread, so its matrices stay in that core's cache between the
+// steps, and there is no barrier between steps. `scratch` is a per-thread buffer of
+// scratch_size elements (uninitialised). BLAS called inside runs single-threaded; when
+// there is one sample (no parallel region) it may use its own threads.
+template <typename T, typename F>
+void parallel_over_samples(int64_t B, int64_t scratch_size, const F& fn) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::unique_ptr<T[]> scratch(new T[std::max<int64_t>(scratch_size, 1)]);
+    for (int64_t b = b0; b < b1; ++b) fn(b, scratch.get());
+  });
+}
 
 }  // namespace mpncov

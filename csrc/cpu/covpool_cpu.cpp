@@ -5,32 +5,32 @@
 // symmetric, so only its block upper triangle is multiplied out.
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "common.h"
+#include "elementwise.h"
+#include "matrix_product.h"
 
 namespace mpncov {
 namespace {
 
-// Xc = X - row means, in the compute dtype, contiguous (B, C, M).
-at::Tensor centred(const at::Tensor& x) {
-  at::Tensor xc = empty_buffer(x.sizes(), x.options().dtype(compute_dtype(x.scalar_type())));
-  xc.copy_(x);
-  const int64_t rows = xc.size(0) * xc.size(1), M = xc.size(2);
-  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "covpool_centre", [&] {
-    scalar_t* p = xc.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(M, 1)),
-                     [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        scalar_t* row = p + r * M;
-        // Accumulate in double for float rows too: M is small, and the mean of a long
-        // constant row must come out as that constant.
-        double sum = 0;
-        for (int64_t j = 0; j < M; ++j) sum += row[j];
-        const scalar_t mean = static_cast<scalar_t>(sum / M);
-        for (int64_t j = 0; j < M; ++j) row[j] -= mean;
-      }
-    });
-  });
-  return xc;
+// Row means of one sample's C x M rows, accumulated in double for float rows too: the
+// mean of a long constant row must come out as that constant.
+template <typename T>
+void row_means(const T* x, T* mean, int64_t C, int64_t M) {
+  for (int64_t r = 0; r < C; ++r) mean[r] = static_cast<T>(sum_of(x + r * M, M) / M);
+}
+
+// xc = one sample's rows minus their means (C x M, dense).
+template <typename T>
+void centre_rows(const T* x, const T* mean, T* xc, int64_t C, int64_t M) {
+  for (int64_t r = 0; r < C; ++r) {
+    const T* row = x + r * M;
+    T* out = xc + r * M;
+    const T m = mean[r];
+#pragma omp simd
+    for (int64_t j = 0; j < M; ++j) out[j] = row[j] - m;
+  }
 }
 
 void check_covpool_input(const at::Tensor& x, const char* op) {
@@ -39,33 +39,64 @@ void check_covpool_input(const at::Tensor& x, const char* op) {
                     ": x must have at least one position (M >= 1), got shape ", x.sizes());
 }
 
-at::Tensor covpool_cpu(const at::Tensor& x) {
-  check_covpool_input(x, "covpool");
-  const int64_t B = x.size(0), C = x.size(1), M = x.size(2);
-  if (B == 0 || C == 0) return at::zeros({B, C, C}, x.options());
-  at::Tensor xc = centred(x);
-  at::Tensor s = at::empty({B, C, C}, xc.options());
-  batched_product(s, xc, xc.transpose(1, 2), 1.0 / M, 0.0, /*upper=*/true);
-  mirror_upper(s);
-  return s.to(x.scalar_type());
+at::Tensor covpool_cpu(const at::Tensor& x_in) {
+  check_covpool_input(x_in, "covpool");
+  const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2);
+  if (B == 0 || C == 0) return at::zeros({B, C, C}, x_in.options());
+  at::Tensor x = x_in.to(compute_dtype(x_in.scalar_type())).contiguous();
+  at::Tensor s = at::empty({B, C, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "covpool_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* sp = s.data_ptr<scalar_t>();
+    parallel_over_samples<scalar_t>(B, C * M + C, [&](int64_t b, scalar_t* scratch) {
+      scalar_t* xc = scratch;
+      scalar_t* mean = scratch + C * M;
+      row_means(xp + b * C * M, mean, C, M);
+      centre_rows(xp + b * C * M, mean, xc, C, M);
+      // S = (1/M) Xc Xc^T: symmetric, half of it multiplied out.
+      const MatrixView<const scalar_t> xcv = dense<const scalar_t>(xc, C, M);
+      matrix_product<scalar_t>(dense(sp + b * C * C, C, C),
+                               {{xcv, xcv.transposed(), scalar_t(1.0 / M)}}, scalar_t(0),
+                               /*symmetric=*/true);
+    });
+  });
+  return s.to(x_in.scalar_type());
 }
 
-at::Tensor covpool_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
-  check_covpool_input(x, "covpool_backward");
-  check_square(grad, "covpool_backward", "grad");
-  TORCH_CHECK(grad.device() == x.device(), "mpncov.covpool_backward: grad is on ", grad.device(),
-              " but x is on ", x.device());
-  const int64_t B = x.size(0), C = x.size(1), M = x.size(2);
-  TORCH_CHECK_VALUE(grad.size(0) == B && grad.size(1) == C, "mpncov.covpool_backward: grad ",
-                    grad.sizes(), " does not match x ", x.sizes());
-  if (B == 0 || C == 0) return at::zeros_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor xc = centred(x);
-  // G + G^T, fused into one pass.
-  at::Tensor g = grad.to(xc.scalar_type());
-  at::Tensor gs = (g + g.transpose(1, 2)).contiguous();
-  at::Tensor dx = empty_buffer({B, C, M}, xc.options());
-  batched_product(dx, gs, xc, 1.0 / M, 0.0, /*upper=*/false);
-  return dx.to(x.scalar_type());
+at::Tensor covpool_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in) {
+  check_covpool_input(x_in, "covpool_backward");
+  check_square(grad_in, "covpool_backward", "grad");
+  TORCH_CHECK(grad_in.device() == x_in.device(), "mpncov.covpool_backward: grad is on ",
+              grad_in.device(), " but x is on ", x_in.device());
+  const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2);
+  TORCH_CHECK_VALUE(grad_in.size(0) == B && grad_in.size(1) == C,
+                    "mpncov.covpool_backward: grad ", grad_in.sizes(), " does not match x ",
+                    x_in.sizes());
+  if (B == 0 || C == 0) return at::zeros_like(x_in, at::MemoryFormat::Contiguous);
+  const auto ct = compute_dtype(x_in.scalar_type());
+  at::Tensor x = x_in.to(ct).contiguous();
+  at::Tensor g = grad_in.to(ct).contiguous();
+  at::Tensor dx = empty_buffer({B, C, M}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "covpool_backward_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    parallel_over_samples<scalar_t>(B, C * M + C * C + C, [&](int64_t b, scalar_t* scratch) {
+      scalar_t* xc = scratch;
+      scalar_t* gs = scratch + C * M;
+      scalar_t* mean = gs + C * C;
+      row_means(xp + b * C * M, mean, C, M);
+      centre_rows(xp + b * C * M, mean, xc, C, M);
+      // dX = (1/M) (G + G^T) Xc
+      const scalar_t* gb = gp + b * C * C;
+      symmetric_part(gs, gb, scalar_t(1), C);
+      matrix_product<scalar_t>(dense(dxp + b * C * M, C, M),
+                               {{dense<const scalar_t>(gs, C, C), dense<const scalar_t>(xc, C, M),
+                                 scalar_t(1.0 / M)}},
+                               scalar_t(0), /*symmetric=*/false);
+    });
+  });
+  return dx.to(x_in.scalar_type());
 }
 
 }  // namespace

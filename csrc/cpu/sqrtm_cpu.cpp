@@ -12,48 +12,86 @@
 // and the backward needs no transposes. t = 0 (a zero matrix) gives out = 0 and dS = 0.
 #include <torch/library.h>
 
-#include <cmath>
 #include <algorithm>
-#include <tuple>
-#include <vector>
+#include <cmath>
+#include <utility>
 
-#include "blas.h"
 #include "common.h"
+#include "elementwise.h"
+#include "matrix_product.h"
 
 namespace mpncov {
 namespace {
 
-// Per-sample trace and the divisor used in its place: t itself, or 1 where t == 0 so
-// that a zero matrix stays zero instead of becoming 0/0.
-struct Traces {
-  at::Tensor t;        // (B) the true trace
-  at::Tensor divisor;  // (B) t, or 1 where t == 0
-};
-
-Traces traces(const at::Tensor& s) {
-  at::Tensor t = s.diagonal(0, 1, 2).sum(-1);
-  return {t, at::where(t == 0, at::ones_like(t), t)};
-}
-
-// m[b] = a * I + c * m[b] for every sample (the elementwise step 0.5 (3I - P) and kin).
-void scale_add_identity(at::Tensor& m, double c, double a) {
-  m.mul_(c);
-  m.diagonal(0, 1, 2).add_(a);
-}
-
-// The layout of the `saved` output of sqrtm, (B, 3(N-1)+1, C, C):
+// One sample's slice of the `saved` output of sqrtm, (3(N-1)+1) matrices of C x C:
 // [Y_1..Y_{N-1}, Z_1..Z_{N-1}, T_1..T_{N-1}, Y_N], k = 1..N-1 for Y, Z and T.
+template <typename scalar_t>
 struct SavedIterates {
-  const at::Tensor& saved;
-  int64_t N;
-  at::Tensor Y(int64_t k) const { return saved.select(1, k - 1); }
-  at::Tensor Z(int64_t k) const { return saved.select(1, N - 1 + k - 1); }
-  at::Tensor T(int64_t k) const { return saved.select(1, 2 * (N - 1) + k - 1); }
-  at::Tensor final_y() const { return saved.select(1, 3 * (N - 1)); }
+  scalar_t* base;
+  int64_t N, C;
+  static int64_t count(int64_t N) { return 3 * (N - 1) + 1; }
+  scalar_t* at(int64_t i) const { return base + i * C * C; }
+  scalar_t* Y(int64_t k) const { return at(k - 1); }
+  scalar_t* Z(int64_t k) const { return at(N - 1 + k - 1); }
+  scalar_t* T(int64_t k) const { return at(2 * (N - 1) + k - 1); }
+  scalar_t* final_y() const { return at(3 * (N - 1)); }
 };
 
 void check_iters(int64_t iters, const char* op) {
   TORCH_CHECK_VALUE(iters >= 1, "mpncov.", op, ": iters must be >= 1, got ", iters);
+}
+
+template <typename scalar_t>
+double trace_of(const scalar_t* m, int64_t C) {
+  double t = 0;
+  for (int64_t i = 0; i < C; ++i) t += m[i * C + i];
+  return t;
+}
+
+// A C x C operand / result of one sample.
+template <typename scalar_t>
+MatrixView<const scalar_t> in(const scalar_t* p, int64_t C) {
+  return dense<const scalar_t>(p, C, C);
+}
+template <typename scalar_t>
+MatrixView<scalar_t> out(scalar_t* p, int64_t C) {
+  return dense<scalar_t>(p, C, C);
+}
+
+// The forward of one sample; `a` is scratch for A = S / t.
+template <typename scalar_t>
+void sqrtm_forward_sample(const scalar_t* s, scalar_t* root_out, const SavedIterates<scalar_t>& it,
+                          scalar_t* a) {
+  const int64_t C = it.C, N = it.N, CC = C * C;
+  using T = scalar_t;
+  const double t = trace_of(s, C);
+  // A zero matrix (t = 0) stays zero instead of becoming 0/0.
+  scale_into(a, s, T(1.0 / (t == 0 ? 1.0 : t)), CC);
+  T* y_final = it.final_y();
+  if (N == 1) {
+    // Y = 0.5 A (3I - A) = 1.5 A - 0.5 A A
+    std::copy(a, a + CC, y_final);
+    matrix_product<T>(out(y_final, C), {{in(a, C), in(a, C), T(-0.5)}}, T(1.5), true);
+  } else {
+    // First step: Z1 = T0 = 0.5 (3I - A), Y1 = A T0.
+    T* z1 = it.Z(1);
+    scale_into(z1, a, T(-0.5), CC);
+    add_identity(out(z1, C), T(1.5));
+    matrix_product<T>(out(it.Y(1), C), {{in(a, C), in(z1, C), T(1)}}, T(0), true);
+    for (int64_t k = 1; k <= N - 1; ++k) {
+      // Tk = 1.5 I - 0.5 Zk Yk;  Y(k+1) = Yk Tk;  Z(k+1) = Tk Zk
+      T* tk = it.T(k);
+      matrix_product<T>(out(tk, C), {{in(it.Z(k), C), in(it.Y(k), C), T(-0.5)}}, T(0), true);
+      add_identity(out(tk, C), T(1.5));
+      T* y_next = (k == N - 1) ? y_final : it.Y(k + 1);
+      matrix_product<T>(out(y_next, C), {{in(it.Y(k), C), in(tk, C), T(1)}}, T(0), true);
+      if (k < N - 1)
+        matrix_product<T>(out(it.Z(k + 1), C), {{in(tk, C), in(it.Z(k), C), T(1)}}, T(0), true);
+    }
+  }
+  // Post-compensation: out = sqrt(t) Y, with sqrt(0) = 0 for the zero matrix.
+  const T root = T(t > 0 ? std::sqrt(t) : 0.0);
+  scale_into(root_out, y_final, root, CC);
 }
 
 std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t iters) {
@@ -63,45 +101,23 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t ite
   const auto ct = compute_dtype(s_in.scalar_type());
   at::Tensor saved = empty_buffer({B, 3 * (N - 1) + 1, C, C}, s_in.options().dtype(ct));
   if (B == 0 || C == 0) return {at::empty({B, C, C}, s_in.options()), saved};
-
   at::Tensor s = s_in.to(ct).contiguous();
-  Traces tr = traces(s);
-  at::Tensor a = s / tr.divisor.view({B, 1, 1});
-  at::Tensor y_final = SavedIterates{saved, N}.final_y();
-  if (N == 1) {
-    // Y = 0.5 A (3I - A) = 1.5 A - 0.5 A A
-    y_final.copy_(a);
-    batched_product(y_final, a, a, -0.5, 1.5, /*upper=*/true);
-    mirror_upper(y_final);
-  } else {
-    const SavedIterates it{saved, N};
-    // First step: Z1 = T0 = 0.5 (3I - A), Y1 = A T0.
-    at::Tensor z1 = it.Z(1);
-    z1.copy_(a);
-    scale_add_identity(z1, -0.5, 1.5);
-    at::Tensor y1 = it.Y(1);
-    batched_product(y1, a, z1, 1.0, 0.0, true);
-    mirror_upper(y1);
-    for (int64_t k = 1; k <= N - 1; ++k) {
-      // Tk = 1.5 I - 0.5 Zk Yk
-      at::Tensor tk = it.T(k);
-      batched_product(tk, it.Z(k), it.Y(k), -0.5, 0.0, true);
-      tk.diagonal(0, 1, 2).add_(1.5);
-      mirror_upper(tk);
-      at::Tensor ynext = (k == N - 1) ? y_final : it.Y(k + 1);
-      batched_product(ynext, it.Y(k), tk, 1.0, 0.0, true);
-      mirror_upper(ynext);
-      if (k < N - 1) {
-        at::Tensor znext = it.Z(k + 1);
-        batched_product(znext, tk, it.Z(k), 1.0, 0.0, true);
-        mirror_upper(znext);
-      }
-    }
-  }
-  // Post-compensation: out = sqrt(t) Y, with sqrt(0) = 0 for the zero matrix.
-  at::Tensor out = y_final * tr.t.clamp_min(0).sqrt().view({B, 1, 1});
-  return {out.to(s_in.scalar_type()), saved};
+  at::Tensor root = at::empty({B, C, C}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "sqrtm_cpu", [&] {
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    scalar_t* rp = root.data_ptr<scalar_t>();
+    scalar_t* vp = saved.data_ptr<scalar_t>();
+    const int64_t CC = C * C, per_sample = SavedIterates<scalar_t>::count(N) * CC;
+    parallel_over_samples<scalar_t>(B, CC, [&](int64_t b, scalar_t* a) {
+      sqrtm_forward_sample(sp + b * CC, rp + b * CC, SavedIterates<scalar_t>{vp + b * per_sample, N, C},
+                           a);
+    });
+  });
+  return {root.to(s_in.scalar_type()), saved};
 }
+
+// Scratch of the backward of one sample: A, GY and five C x C work matrices.
+constexpr int64_t kBackwardScratch = 7;
 
 // dL/dA from GY = dL/dY for a symmetric GY, by forward-mode differentiation.
 //
@@ -109,36 +125,37 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t ite
 // polynomial is self-adjoint: dL/dA = L(A, GY). So instead of running the recurrence
 // backwards we differentiate it forwards in the direction E = GY. For symmetric E every
 // derivative dYk, dZk, dTk is symmetric (a symmetric-valued function differentiated along
-// a symmetric direction), so each product computes only its block upper triangle:
+// a symmetric direction), so each sum of products computes only its block upper triangle:
 //   dZ1 = -0.5 E,  dY1 = 1.5 E - 0.5 (E A + A E)
 //   dTk = -0.5 (dZk Yk + Zk dYk)
 //   dY(k+1) = dYk Tk + Yk dTk,   dZ(k+1) = dTk Zk + Tk dZk
 //   dA = dY_N
 // About half the work of the reverse recurrence (which needs the full, non-symmetric dT).
-at::Tensor sqrtm_grad_a_symmetric(const at::Tensor& e, const at::Tensor& a,
-                                  const at::Tensor& saved, int64_t N) {
-  // E A + A E = X + X^T with X = E A.
-  at::Tensor x = at::bmm(e, a);
-  at::Tensor dy = e * 1.5 - (x + x.transpose(1, 2)) * 0.5;
+// Returns the work matrix holding dA.
+template <typename scalar_t>
+scalar_t* grad_a_symmetric(const scalar_t* e, const scalar_t* a, const SavedIterates<scalar_t>& it,
+                           scalar_t* work) {
+  using T = scalar_t;
+  const int64_t C = it.C, N = it.N, CC = C * C;
+  T* dy = work;
+  T* dz = work + CC;
+  T* dt = work + 2 * CC;
+  T* dy_next = work + 3 * CC;
+  T* dz_next = work + 4 * CC;
+  std::copy(e, e + CC, dy);
+  matrix_product<T>(out(dy, C), {{in(e, C), in(a, C), T(-0.5)}, {in(a, C), in(e, C), T(-0.5)}},
+                    T(1.5), true);
   if (N == 1) return dy;  // Y = 1.5 A - 0.5 A A has the same derivative as Y1
-  const SavedIterates it{saved, N};
-  at::Tensor dz = e * -0.5;
-  at::Tensor dt = empty_buffer(dy.sizes(), dy.options());
-  at::Tensor dy_next = empty_buffer(dy.sizes(), dy.options());
-  at::Tensor dz_next = empty_buffer(dy.sizes(), dy.options());
-  // Packing workspaces, only needed where BLAS is not called directly.
-  const bool pack = !blas_available(e.scalar_type());
-  at::Tensor left = pack ? at::empty({e.size(0), e.size(1), 2 * e.size(2)}, e.options()) : e;
-  at::Tensor right = pack ? at::empty({e.size(0), 2 * e.size(1), e.size(2)}, e.options()) : e;
+  scale_into(dz, e, T(-0.5), CC);
   for (int64_t k = 1; k <= N - 1; ++k) {
-    batched_product_sum(dt, dz, it.Y(k), it.Z(k), dy, -0.5, true, left, right);
-    mirror_upper(dt);
-    batched_product_sum(dy_next, dy, it.T(k), it.Y(k), dt, 1.0, true, left, right);
-    mirror_upper(dy_next);
+    matrix_product<T>(out(dt, C), {{in(dz, C), in(it.Y(k), C), T(-0.5)},
+                                   {in(it.Z(k), C), in(dy, C), T(-0.5)}}, T(0), true);
+    matrix_product<T>(out(dy_next, C), {{in(dy, C), in(it.T(k), C), T(1)},
+                                        {in(it.Y(k), C), in(dt, C), T(1)}}, T(0), true);
     std::swap(dy, dy_next);
     if (k < N - 1) {
-      batched_product_sum(dz_next, dt, it.Z(k), it.T(k), dz, 1.0, true, left, right);
-      mirror_upper(dz_next);
+      matrix_product<T>(out(dz_next, C), {{in(dt, C), in(it.Z(k), C), T(1)},
+                                          {in(it.T(k), C), in(dz, C), T(1)}}, T(0), true);
       std::swap(dz, dz_next);
     }
   }
@@ -146,46 +163,81 @@ at::Tensor sqrtm_grad_a_symmetric(const at::Tensor& e, const at::Tensor& a,
 }
 
 // dL/dA from GY = dL/dY for any GY, by the reverse recurrence of SPEC section 2 (the
-// iterates are symmetric, so no transposes appear).
-at::Tensor sqrtm_grad_a_general(const at::Tensor& gy, const at::Tensor& a,
-                                const at::Tensor& saved, int64_t N) {
+// iterates are symmetric, so no transposes appear). Returns the work matrix holding dA.
+template <typename scalar_t>
+scalar_t* grad_a_general(const scalar_t* gy, const scalar_t* a, const SavedIterates<scalar_t>& it,
+                         scalar_t* work) {
+  using T = scalar_t;
+  const int64_t C = it.C, N = it.N, CC = C * C;
+  T* dt = work;
+  T* dy = work + CC;
+  T* dz = work + 2 * CC;
+  T* dy_next = work + 3 * CC;
+  T* dz_next = work + 4 * CC;
   if (N == 1) {
     // dA = 0.5 (GY (3I - A) - A GY) = 1.5 GY - 0.5 GY A - 0.5 A GY
-    at::Tensor da = gy * 1.5;
-    batched_product(da, gy, a, -0.5, 1.0, false);
-    batched_product(da, a, gy, -0.5, 1.0, false);
-    return da;
+    std::copy(gy, gy + CC, dy);
+    matrix_product<T>(out(dy, C), {{in(gy, C), in(a, C), T(-0.5)}, {in(a, C), in(gy, C), T(-0.5)}},
+                      T(1.5), false);
+    return dy;
   }
-  const SavedIterates it{saved, N};
-  at::Tensor dt = at::empty_like(gy);
-  at::Tensor dy = at::empty_like(gy);
-  at::Tensor dz = at::empty_like(gy);
-  at::Tensor dy_next = at::empty_like(gy);
-  at::Tensor dz_next = at::empty_like(gy);
   // Last step, Y = Y(N-1) T(N-1):
   //   dT = Y(N-1) GY;  dY = GY T(N-1) - 0.5 Z(N-1) dT;  dZ = -0.5 dT Y(N-1)
   const int64_t L = N - 1;
-  batched_product(dt, it.Y(L), gy, 1.0, 0.0, false);
-  batched_product(dy, gy, it.T(L), 1.0, 0.0, false);
-  batched_product(dy, it.Z(L), dt, -0.5, 1.0, false);
-  batched_product(dz, dt, it.Y(L), -0.5, 0.0, false);
+  matrix_product<T>(out(dt, C), {{in(it.Y(L), C), in(gy, C), T(1)}}, T(0), false);
+  matrix_product<T>(out(dy, C), {{in(gy, C), in(it.T(L), C), T(1)},
+                                 {in(it.Z(L), C), in(dt, C), T(-0.5)}}, T(0), false);
+  matrix_product<T>(out(dz, C), {{in(dt, C), in(it.Y(L), C), T(-0.5)}}, T(0), false);
   // Steps k = N-2 .. 1: Y(k+1) = Yk Tk, Z(k+1) = Tk Zk, Tk = 0.5 (3I - Zk Yk):
   //   dT = Yk dY + dZ Zk;  dY' = dY Tk - 0.5 Zk dT;  dZ' = Tk dZ - 0.5 dT Yk
   for (int64_t k = N - 2; k >= 1; --k) {
-    batched_product(dt, it.Y(k), dy, 1.0, 0.0, false);
-    batched_product(dt, dz, it.Z(k), 1.0, 1.0, false);
-    batched_product(dy_next, dy, it.T(k), 1.0, 0.0, false);
-    batched_product(dy_next, it.Z(k), dt, -0.5, 1.0, false);
-    batched_product(dz_next, it.T(k), dz, 1.0, 0.0, false);
-    batched_product(dz_next, dt, it.Y(k), -0.5, 1.0, false);
+    matrix_product<T>(out(dt, C), {{in(it.Y(k), C), in(dy, C), T(1)},
+                                   {in(dz, C), in(it.Z(k), C), T(1)}}, T(0), false);
+    matrix_product<T>(out(dy_next, C), {{in(dy, C), in(it.T(k), C), T(1)},
+                                        {in(it.Z(k), C), in(dt, C), T(-0.5)}}, T(0), false);
+    matrix_product<T>(out(dz_next, C), {{in(it.T(k), C), in(dz, C), T(1)},
+                                        {in(dt, C), in(it.Y(k), C), T(-0.5)}}, T(0), false);
     std::swap(dy, dy_next);
     std::swap(dz, dz_next);
   }
   // First step, Y1 = A T0, Z1 = T0 = 0.5 (3I - A):  dA = dY T0 - 0.5 (A dY + dZ)
-  at::Tensor da = dz * -0.5;
-  batched_product(da, dy, it.Z(1), 1.0, 1.0, false);
-  batched_product(da, a, dy, -0.5, 1.0, false);
-  return da;
+  std::copy(dz, dz + CC, dt);
+  matrix_product<T>(out(dt, C), {{in(dy, C), in(it.Z(1), C), T(1)},
+                                 {in(a, C), in(dy, C), T(-0.5)}}, T(-0.5), false);
+  return dt;
+}
+
+// The backward of one sample. out = sqrt(t) Y(A), A = S / t:
+//   GY = sqrt(t) G (its symmetric part when symmetric_grad), dA from GY (see above),
+//   dS = dA / t + (<G, Y> / (2 sqrt(t)) - <dA, A> / t) I
+// At t = 0 (the zero matrix) sqrt(t) is not differentiable; SPEC asks for a finite zero
+// gradient there instead of 0/0.
+template <typename scalar_t>
+void sqrtm_backward_sample(const scalar_t* g, const scalar_t* s, const SavedIterates<scalar_t>& it,
+                           scalar_t* ds, bool symmetric_grad, scalar_t* scratch) {
+  using T = scalar_t;
+  const int64_t C = it.C, CC = C * C;
+  const double t = trace_of(s, C);
+  if (t == 0) {
+    std::fill(ds, ds + CC, T(0));
+    return;
+  }
+  T* a = scratch;
+  T* gy = scratch + CC;
+  T* work = scratch + 2 * CC;
+  const T* y = it.final_y();
+  const T inv = T(1.0 / t), root = T(std::sqrt(t));
+  scale_into(a, s, inv, CC);
+  if (symmetric_grad)
+    symmetric_part(gy, g, root * T(0.5), C);
+  else
+    scale_into(gy, g, root, CC);
+  const double g_dot_y = dot_of(g, y, CC);
+  const T* da = symmetric_grad ? grad_a_symmetric<T>(gy, a, it, work)
+                               : grad_a_general<T>(gy, a, it, work);
+  const T diag = T(g_dot_y / (2 * std::sqrt(t)) - dot_of(da, a, CC) / t);
+  scale_into(ds, da, inv, CC);
+  add_identity(out(ds, C), diag);
 }
 
 at::Tensor sqrtm_backward_cpu(const at::Tensor& grad, const at::Tensor& s_in,
@@ -209,66 +261,17 @@ at::Tensor sqrtm_backward_cpu(const at::Tensor& grad, const at::Tensor& s_in,
   at::Tensor s = s_in.to(ct).contiguous();
   at::Tensor sv = saved.to(ct).contiguous();
   at::Tensor g = grad.to(ct).contiguous();
-  at::Tensor y = SavedIterates{sv, N}.final_y();
-  at::Tensor a = empty_buffer({B, C, C}, s.options());
-  at::Tensor gy = empty_buffer({B, C, C}, s.options());
-  // Per sample: t (the trace), the divisor (t, or 1 for the zero matrix) and <G, Y>.
-  std::vector<double> trace(B), divisor(B), g_dot_y(B);
-  AT_DISPATCH_FLOATING_TYPES(ct, "sqrtm_backward_prologue", [&] {
-    // One pass: A = S / t, GY = sqrt(t) G (or its symmetric part), <G, Y>.
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t off = b * C * C;
-        const scalar_t* sp = s.data_ptr<scalar_t>() + off;
-        const scalar_t* gp = g.data_ptr<scalar_t>() + off;
-        const scalar_t* yp = y.data_ptr<scalar_t>() + b * y.stride(0);
-        scalar_t* ap = a.data_ptr<scalar_t>() + off;
-        scalar_t* gyp = gy.data_ptr<scalar_t>() + off;
-        double t = 0;
-        for (int64_t i = 0; i < C; ++i) t += sp[i * C + i];
-        const double div = t == 0 ? 1.0 : t;
-        const scalar_t inv = scalar_t(1.0 / div), root = scalar_t(std::sqrt(div));
-        const scalar_t half_root = root * scalar_t(0.5);
-        double gdy = 0;
-        for (int64_t i = 0; i < C; ++i) {
-          for (int64_t j = 0; j < C; ++j) {
-            const int64_t ij = i * C + j;
-            ap[ij] = sp[ij] * inv;
-            gyp[ij] = symmetric_grad ? half_root * (gp[ij] + gp[j * C + i]) : root * gp[ij];
-            gdy += double(gp[ij]) * double(yp[ij]);
-          }
-        }
-        trace[b] = t;
-        divisor[b] = div;
-        g_dot_y[b] = gdy;
-      }
-    });
-  });
-  at::Tensor da = symmetric_grad ? sqrtm_grad_a_symmetric(gy, a, sv, N)
-                                 : sqrtm_grad_a_general(gy, a, sv, N);
-  // out = sqrt(t) Y(A), A = S / t:
-  //   dS = dA / t + (<G, Y> / (2 sqrt(t)) - <dA, A> / t) I
-  // At t = 0 (the zero matrix) sqrt(t) is not differentiable; SPEC asks for a finite zero
-  // gradient there instead of 0/0. The division by t is done on dA in place.
-  at::Tensor ds = da.is_contiguous() ? da : da.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(ct, "sqrtm_backward_epilogue", [&] {
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t off = b * C * C;
-        scalar_t* dp = ds.data_ptr<scalar_t>() + off;
-        const scalar_t* ap = a.data_ptr<scalar_t>() + off;
-        if (trace[b] == 0) {
-          std::fill(dp, dp + C * C, scalar_t(0));
-          continue;
-        }
-        double da_a = 0;
-        for (int64_t k = 0; k < C * C; ++k) da_a += double(dp[k]) * double(ap[k]);
-        const double div = divisor[b];
-        const scalar_t inv = scalar_t(1.0 / div);
-        const scalar_t diag = scalar_t(g_dot_y[b] / (2 * std::sqrt(div)) - da_a / div);
-        for (int64_t k = 0; k < C * C; ++k) dp[k] *= inv;
-        for (int64_t i = 0; i < C; ++i) dp[i * C + i] += diag;
-      }
+  at::Tensor ds = at::empty({B, C, C}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "sqrtm_backward_cpu", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    scalar_t* vp = sv.data_ptr<scalar_t>();
+    scalar_t* dp = ds.data_ptr<scalar_t>();
+    const int64_t CC = C * C, per_sample = SavedIterates<scalar_t>::count(N) * CC;
+    parallel_over_samples<scalar_t>(B, kBackwardScratch * CC, [&](int64_t b, scalar_t* scratch) {
+      sqrtm_backward_sample(gp + b * CC, sp + b * CC,
+                            SavedIterates<scalar_t>{vp + b * per_sample, N, C}, dp + b * CC,
+                            symmetric_grad, scratch);
     });
   });
   return ds.to(s_in.scalar_type());
