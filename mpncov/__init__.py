@@ -12,14 +12,14 @@ written against the published ``MPNCOV.py`` in :mod:`mpncov.compat`.
 """
 import importlib
 
-from .ops import covpool, isqrt_cov, sqrtm, triuvec
+from .ops import covpool, cpu_buffer_bytes, isqrt_cov, release_cpu_buffers, sqrtm, triuvec
 
 try:
     from ._build_config import VERSION as __version__
 except ImportError:  # pragma: no cover - only when the build config is missing
     __version__ = "0.0.0+unknown"
 
-__all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "nn", "models", "compat", "__version__"]
+__all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "release_cpu_buffers", "cpu_buffer_bytes", "nn", "models", "compat", "__version__"]
 
 _SUBMODULES = ("nn", "models", "compat", "info")
 

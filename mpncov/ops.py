@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the kernels and registers the schemas)
 
-__all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "OPS"]
+__all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "release_cpu_buffers", "cpu_buffer_bytes", "OPS"]
 
 #: The registered operator names (forward and backward).
 OPS = (
@@ -132,6 +132,26 @@ def isqrt_cov(x: Tensor, iters: int = 5) -> Tensor:
 
 
 # ---------------------------------------------------------------------- fake kernels
+
+def release_cpu_buffers() -> None:
+    """Free the CPU work buffers mpncov keeps between calls.
+
+    The CPU ``sqrtm`` (and ``isqrt_cov``) keep the buffer of the iterates saved for the
+    backward (3N-2 matrices of C x C per sample, e.g. 116 MB at B=32, C=256, N=5) for the
+    next call once the autograd graph that used it is gone: a fresh buffer of that size
+    costs a page fault and a page clear per page on every call. At most two such buffers
+    are kept. This frees those not in use; ``MPNCOV_CPU_BUFFER_CACHE=0`` in the
+    environment turns the reuse off. CUDA memory is managed by PyTorch's caching allocator
+    (``torch.cuda.empty_cache()``).
+    """
+    torch.ops.mpncov._cpu_release_buffers()
+
+
+def cpu_buffer_bytes() -> int:
+    """Bytes of CPU work buffers mpncov holds for reuse (in use or not); see
+    :func:`release_cpu_buffers`."""
+    return int(torch.ops.mpncov._cpu_buffer_bytes())
+
 
 @torch.library.register_fake("mpncov::covpool")
 def _covpool_fake(x):

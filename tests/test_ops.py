@@ -394,3 +394,81 @@ def test_aten_product_path_matches_reference():
     r = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT, tests_dir], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+# ------------------------------------------------------------ reused CPU buffers
+
+# The buffer cache is process-wide state (and other tests' objects may still hold
+# buffers), so these checks run in a fresh interpreter.
+_BUFFER_SCRIPT = r"""
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import mpncov
+from reference import spd, sqrtm_ref
+
+def saved_of(s, iters):
+    return torch.ops.mpncov.sqrtm(s, iters)[1]
+
+assert mpncov.cpu_buffer_bytes() == 0
+s = spd(3, 20, dtype=torch.float32)
+first = saved_of(s, 4)
+ptr, copy = first.data_ptr(), first.clone()
+assert first._base is None  # the op's output is not a view of the cached buffer
+# While `first` is alive its memory is not handed out again...
+second = saved_of(s * 2, 4)
+assert second.data_ptr() != ptr and torch.equal(first, copy)
+# ... nor while only a view of it is alive.
+view = first[1]
+del first
+third = saved_of(s, 4)
+assert third.data_ptr() != ptr and torch.equal(view, copy[1])
+del view, second, third
+# Once nothing refers to it, the next call of the same size reuses it.
+assert saved_of(s, 4).data_ptr() == ptr
+# Training steps: the graph holds the buffer, the backward lets it go.
+x = torch.randn(3, 20, 30, requires_grad=True)
+g = torch.randn(3, 210)
+ptrs = set()
+for _ in range(3):
+    out = mpncov.isqrt_cov(x, 4)
+    ptrs.add(out.grad_fn.saved_tensors[2].data_ptr())
+    torch.autograd.grad(out, x, g)
+    del out
+assert len(ptrs) == 1, ptrs
+
+# release_cpu_buffers frees what is not in use; at most two buffers are kept.
+mpncov.release_cpu_buffers()
+assert mpncov.cpu_buffer_bytes() == 0
+s = spd(2, 9, dtype=torch.float32)
+nbytes = 2 * 7 * 81 * 4  # (B, 3N-2, C, C) float32 for N = 3
+held = saved_of(s, 3)
+assert mpncov.cpu_buffer_bytes() == nbytes
+mpncov.release_cpu_buffers()  # in use: kept
+assert mpncov.cpu_buffer_bytes() == nbytes
+del held
+mpncov.release_cpu_buffers()
+assert mpncov.cpu_buffer_bytes() == 0
+alive = [saved_of(spd(1, c, dtype=torch.float32), 2) for c in (3, 4, 5)]
+assert mpncov.cpu_buffer_bytes() == 4 * 4 * (9 + 16)
+del alive
+# MPNCOV_CPU_BUFFER_CACHE=0: nothing kept, same results.
+mpncov.release_cpu_buffers()
+os.environ["MPNCOV_CPU_BUFFER_CACHE"] = "0"
+out, saved = torch.ops.mpncov.sqrtm(s, 3)
+assert mpncov.cpu_buffer_bytes() == 0
+err = (out.double() - sqrtm_ref(spd(2, 9), 3)).abs().max().item()
+assert err < 1e-4, err
+print("ok")
+"""
+
+
+def test_saved_buffer_reuse_release_and_opt_out():
+    import os
+    import subprocess
+    import sys
+
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "MPNCOV_CPU_BUFFER_CACHE"}
+    r = subprocess.run([sys.executable, "-c", _BUFFER_SCRIPT, tests_dir], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

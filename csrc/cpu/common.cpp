@@ -1,7 +1,14 @@
 #include "common.h"
 
+#include <c10/util/strides.h>
+#include <torch/library.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -34,6 +41,62 @@ at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options)
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
   return t;
+}
+
+namespace {
+
+std::mutex cache_mutex;
+std::vector<at::Tensor> cache;  // flat buffers; each is free when only the cache holds it
+constexpr size_t kCacheSlots = 2;
+
+bool cache_enabled() {
+  const char* v = std::getenv("MPNCOV_CPU_BUFFER_CACHE");
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
+bool is_free(const at::Tensor& t) {
+  return t.use_count() == 1 && t.storage().use_count() == 1;
+}
+
+}  // namespace
+
+at::Tensor cached_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (!cache_enabled()) return empty_buffer(sizes, options);
+  const int64_t numel = c10::multiply_integers(sizes);
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  // The caller gets a tensor of its own on the cached storage (not a view of the cached
+  // tensor: a custom op's outputs must not be views).
+  auto on_storage = [&](const at::Tensor& t) {
+    return at::empty({0}, options).set_(t.storage(), 0, sizes, c10::contiguous_strides(sizes));
+  };
+  for (const at::Tensor& t : cache)
+    if (t.numel() == numel && t.dtype() == options.dtype() && is_free(t)) return on_storage(t);
+  at::Tensor fresh = empty_buffer({numel}, options);
+  if (cache.size() < kCacheSlots) {
+    cache.push_back(fresh);
+  } else {
+    // Replace a buffer nobody uses; if all are in use, the new one is not cached.
+    auto it = std::find_if(cache.begin(), cache.end(), is_free);
+    if (it != cache.end()) *it = fresh;
+  }
+  return on_storage(fresh);
+}
+
+void release_cached_buffers() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  cache.erase(std::remove_if(cache.begin(), cache.end(), is_free), cache.end());
+}
+
+int64_t cached_buffer_bytes() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  int64_t total = 0;
+  for (const at::Tensor& t : cache) total += t.nbytes();
+  return total;
+}
+
+TORCH_LIBRARY_FRAGMENT(mpncov, m) {
+  m.def("_cpu_release_buffers() -> ()", &release_cached_buffers);
+  m.def("_cpu_buffer_bytes() -> int", &cached_buffer_bytes);
 }
 
 }  // namespace mpncov

@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t ite
   check_iters(iters, "sqrtm");
   const int64_t B = s_in.size(0), C = s_in.size(1), N = iters;
   const auto ct = compute_dtype(s_in.scalar_type());
-  at::Tensor saved = empty_buffer({B, 3 * (N - 1) + 1, C, C}, s_in.options().dtype(ct));
+  at::Tensor saved = cached_buffer({B, 3 * (N - 1) + 1, C, C}, s_in.options().dtype(ct));
   if (B == 0 || C == 0) return {at::empty({B, C, C}, s_in.options()), saved};
   at::Tensor s = s_in.to(ct).contiguous();
   at::Tensor root = at::empty({B, C, C}, s.options());
