@@ -15,8 +15,12 @@ What is measured, for every (op, shape, dtype, implementation):
   the timed region (g: a fixed random, non-symmetric incoming gradient).
 * fwd+bwd: `torch.autograd.grad(f(x), x, g)`.
   Times come from torch.utils.benchmark (Timer.blocked_autorange with --min-run-time,
-  topped up with single-block runs to at least --min-reps samples); reported as the
-  median and the inter-quartile range (IQR) of the per-call times. The Timer
+  topped up with single-block runs to at least --min-reps samples), in --rounds rounds in
+  which the implementations of one configuration take turns (mpncov, published, autograd,
+  eigh, mpncov, ...), so that a slow spell of a shared machine is spread over all of them
+  rather than biasing one speed-up; the samples of all rounds are pooled and reported as
+  the median and the inter-quartile range (IQR) of the per-call times (all samples are in
+  the JSON as times_ms). The Timer
   synchronises CUDA before reading the clock, and runs with --threads torch threads.
 * memory (one extra, untimed fwd+bwd call):
   - CUDA: torch.cuda.max_memory_allocated() minus the memory allocated before the call
@@ -69,6 +73,7 @@ from pathlib import Path
 import torch
 import torch.utils.benchmark as tbench
 
+import mpncov
 from benchmarks import baselines
 from benchmarks import env as envmod
 
@@ -268,21 +273,32 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_stmt(f, threads, min_run_time, min_reps, label):
-    timer = tbench.Timer(stmt="f()", globals={"f": f}, num_threads=threads, label=label)
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    times = list(m.times)
-    while len(times) < min_reps:
-        times.extend(timer.timeit(m.number_per_run).times)
-    times.sort()
+def time_stats(times_s, number_per_run):
+    """Summary of per-call times (seconds): median, IQR and min in ms."""
+    times = sorted(times_s)
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return {
         "median_ms": statistics.median(times) * 1e3,
         "iqr_ms": (q[2] - q[0]) * 1e3,
         "min_ms": times[0] * 1e3,
         "runs": len(times),
-        "number_per_run": m.number_per_run,
+        "number_per_run": number_per_run,
+        "times_ms": [round(t * 1e3, 6) for t in times],
     }
+
+
+def time_stmt(f, threads, min_run_time, min_reps, label):
+    timer = tbench.Timer(stmt="f()", globals={"f": f}, num_threads=threads, label=label)
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = list(m.times)
+    while len(times) < min_reps:
+        times.extend(timer.timeit(m.number_per_run).times)
+    return time_stats(times, m.number_per_run)
+
+
+def merge_times(a, b):
+    """Pool the samples of two time_stmt results of the same statement."""
+    return time_stats([t * 1e-3 for t in a["times_ms"] + b["times_ms"]], a["number_per_run"])
 
 
 @contextlib.contextmanager
@@ -318,6 +334,10 @@ def measure_memory(run_fwd, run_bwd, device):
         peak = torch.cuda.max_memory_allocated(device) - base
         return peak * mb, saved * mb, out, grad
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    # mpncov keeps the buffer of sqrtm's saved iterates for reuse between calls; drop it,
+    # so that this call allocates it again and the profiler counts it.
+    mpncov.release_cpu_buffers()
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with record_function("mpncov_bench::fwd"):
@@ -385,14 +405,31 @@ def bench_one(impl, op, s, dtype_tag, x, gout_cache, ref_out, args, device):
         row["rel_diff_vs_mpncov"] = (torch.linalg.vector_norm(o - r)
                                      / torch.linalg.vector_norm(r).clamp_min(1e-30)).item()
     new_ref = out.detach() if impl.name == "mpncov" else None
-    graph_out = out          # keeps the graph alive for the bwd-only timing
-    del grad
-    mrt, reps = args.min_run_time, args.min_reps
-    row["fwd"] = time_stmt(run_fwd, args.threads, mrt, reps, label + " fwd")
-    row["bwd"] = time_stmt(lambda: run_bwd(graph_out), args.threads, mrt, reps, label + " bwd")
-    del graph_out, out
-    row["fwdbwd"] = time_stmt(run_fwdbwd, args.threads, mrt, reps, label + " fwd+bwd")
+    graph = [out]            # keeps the graph alive for the bwd-only timing
+    del grad, out
 
+    def timings(graph):
+        mrt, reps = args.min_run_time, args.min_reps
+        t = {"fwd": time_stmt(run_fwd, args.threads, mrt, reps, label + " fwd"),
+             "bwd": time_stmt(lambda: run_bwd(graph[0]), args.threads, mrt, reps,
+                              label + " bwd")}
+        graph.clear()        # free the graph before the fwd+bwd timing
+        t["fwdbwd"] = time_stmt(run_fwdbwd, args.threads, mrt, reps, label + " fwd+bwd")
+        return t
+
+    row.update(timings(graph))
+
+    def retime():
+        """One more round of the three timings, pooled into the row (see --rounds)."""
+        for k, t in timings([run_fwd()]).items():
+            row[k] = merge_times(row[k], t)
+        add_flop_rates(row, op, s, dtype_tag, args, device)
+
+    add_flop_rates(row, op, s, dtype_tag, args, device)
+    return row, new_ref, retime
+
+
+def add_flop_rates(row, op, s, dtype_tag, args, device):
     f_fl, b_fl = flops(op, s)
     row["flops_fwd"], row["flops_bwd"] = f_fl, b_fl
     if f_fl > 0:
@@ -402,26 +439,27 @@ def bench_one(impl, op, s, dtype_tag, x, gout_cache, ref_out, args, device):
         if peak_t:
             row["peak_tflops"], row["peak_source"] = peak_t, src
             row["fwdbwd_frac_peak"] = row["fwdbwd_tflops"] / peak_t
-    return row, new_ref
 
 
 def run_ops(args, device, impl_objs, notes):
     configs = build_configs(args)
     work = [(c, name) for c in configs for name in impl_objs if c[0] in impl_objs[name].ops]
     rows = []
-    prog = Progress(len(work))
+    prog = Progress(len(work) * args.rounds)
     gout_cache = {}
     for (op, s, dt) in configs:
         gout_cache.clear()
         x = make_input(op, s, device, args.seed)
         ref = None
+        retimes = []
         for name, impl in impl_objs.items():
             if op not in impl.ops:
                 continue
             prog.step(f"{op} {shape_str(op, s)} {dt} {name}")
             try:
-                row, new_ref = bench_one(impl, op, s, dt, x, gout_cache,
-                                         ref if name != "mpncov" else None, args, device)
+                row, new_ref, retime = bench_one(impl, op, s, dt, x, gout_cache,
+                                                 ref if name != "mpncov" else None, args, device)
+                retimes.append((name, retime))
                 if new_ref is not None:
                     ref = new_ref
             except Exception as e:  # record and go on: one failure must not end a sweep
@@ -435,7 +473,25 @@ def run_ops(args, device, impl_objs, notes):
             rows.append(row)
             prog.advance()
             gc.collect()
-        del x, ref
+        # Further rounds: the implementations take turns, so a slow spell of a shared
+        # machine is spread over all of them instead of biasing one ratio.
+        for r in range(1, args.rounds):
+            for name, retime in retimes:
+                prog.step(f"{op} {shape_str(op, s)} {dt} {name} (round {r + 1})")
+                try:
+                    retime()
+                except Exception as e:  # keep the earlier rounds' samples
+                    notes.append(f"{op} {shape_str(op, s)} {dt} {name}: round {r + 1} failed: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                prog.advance()
+                gc.collect()
+        for _ in range(1, args.rounds):
+            for name in impl_objs:
+                if op in impl_objs[name].ops and name not in dict(retimes):
+                    prog.advance()  # failed in round 1: nothing to re-time
+        del x, ref, retimes
         if device.type == "cuda":
             torch.cuda.empty_cache()
     prog.close()
@@ -715,6 +771,9 @@ def parse_args(argv=None):
                    help="seconds per blocked_autorange (default 0.2 quick, 0.5 full/shapes, 0.01 smoke)")
     p.add_argument("--min-reps", type=int, default=None,
                    help="minimum timed samples per measurement (default 3 quick/smoke, 5 otherwise)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="timing rounds per configuration, the implementations taking turns; "
+                        "samples of all rounds are pooled (default 3 quick, 2 full/shapes, 1 smoke)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--networks", action="store_true",
                    help="network-level fwd+bwd images/s (ResNet-50 GAP/SE/GSoP-Net1/GSoP-Net2/iSQRT-COV)")
@@ -766,6 +825,10 @@ def main(argv=None):
         args.min_run_time = {"smoke": 0.01, "quick": 0.2}.get(mode, 0.5)
     if args.min_reps is None:
         args.min_reps = 3 if mode in ("smoke", "quick") else 5
+    if args.rounds is None:
+        args.rounds = {"smoke": 1, "quick": 3}.get(mode, 2)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
 
     notes = []
     impl_objs = {}
@@ -787,6 +850,7 @@ def main(argv=None):
     settings = {"mode": mode, "ops": args.ops, "impls": list(impl_objs), "dtypes": args.dtypes,
                 "device": str(device), "threads": args.threads,
                 "min_run_time_s": args.min_run_time, "min_reps": args.min_reps,
+                "rounds": args.rounds,
                 "seed": args.seed, "memory_method": mem_method,
                 "timing": "torch.utils.benchmark.Timer.blocked_autorange; median and IQR of "
                           "per-call times; fwd = training forward (inputs require grad)"}
