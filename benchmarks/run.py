@@ -470,6 +470,8 @@ def run_ops(args, device, impl_objs, notes):
                     traceback.print_exc()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                for _ in range(1, args.rounds):
+                    prog.advance()  # no further rounds for a failed configuration
             rows.append(row)
             prog.advance()
             gc.collect()
@@ -487,10 +489,6 @@ def run_ops(args, device, impl_objs, notes):
                         torch.cuda.empty_cache()
                 prog.advance()
                 gc.collect()
-        for _ in range(1, args.rounds):
-            for name in impl_objs:
-                if op in impl_objs[name].ops and name not in dict(retimes):
-                    prog.advance()  # failed in round 1: nothing to re-time
         del x, ref, retimes
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -19,7 +19,8 @@ try:
 except ImportError:  # pragma: no cover - only when the build config is missing
     __version__ = "0.0.0+unknown"
 
-__all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "release_cpu_buffers", "cpu_buffer_bytes", "nn", "models", "compat", "__version__"]
+__all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "release_cpu_buffers", "cpu_buffer_bytes",
+           "nn", "models", "compat", "__version__"]
 
 _SUBMODULES = ("nn", "models", "compat", "info")
 

@@ -60,14 +60,15 @@ at::Tensor as_tensor(const MatrixView<T>& x) {
                        at::TensorOptions().dtype(c10::CppTypeToScalarType<std::remove_const_t<T>>::value));
 }
 
-}  // namespace
-
+// True when products go to BLAS directly (see blas.h).
 bool direct_blas(at::ScalarType t) {
   if (!direct_blas_allowed()) return false;
   if (t == at::kFloat) return sgemm_ != nullptr;
   if (t == at::kDouble) return dgemm_ != nullptr;
   return false;
 }
+
+}  // namespace
 
 template <typename T>
 void blas_gemm(const MatrixView<const T>& a, const MatrixView<const T>& b, const MatrixView<T>& c,

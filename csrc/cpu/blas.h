@@ -11,9 +11,6 @@
 
 namespace mpncov {
 
-// True when products go to BLAS directly (see above).
-bool direct_blas(at::ScalarType t);
-
 // A strided row-major matrix view: element (i, j) at data[i * row_stride + j * col_stride];
 // rows or columns must be dense (col_stride == 1 or row_stride == 1).
 template <typename T>
@@ -24,7 +21,6 @@ struct MatrixView {
   MatrixView block(int64_t r0, int64_t nrows, int64_t c0, int64_t ncols) const {
     return {data + r0 * row_stride + c0 * col_stride, nrows, ncols, row_stride, col_stride};
   }
-  MatrixView<const T> as_const() const { return {data, rows, cols, row_stride, col_stride}; }
   MatrixView transposed() const { return {data, cols, rows, col_stride, row_stride}; }
 };
 
