@@ -1,0 +1,68 @@
+"""Build the CPU emulation of mpncov's CUDA kernels into a shared library (tests only).
+
+The torch-free sources of csrc/cuda are copied with each launch `kernel<<<grid, block,
+shared, stream>>>(args)` rewritten to `::emu::launch(grid, block, shared, stream, kernel,
+args)`, and compiled with g++ against the fake CUDA headers in include/ (see
+include/emu_runtime.h for what is emulated and what is not).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CUDA_SRC = ROOT / "csrc" / "cuda"
+
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[\w:, ]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+
+
+def rewrite_launches(source: str) -> str:
+    """`k<T><<<g, b, s, st>>>(` -> `::emu::launch(g, b, s, st, k<T>, ` (every launch has args)."""
+    return _LAUNCH.sub(lambda m: f"::emu::launch({m.group(2)}, {m.group(1)}, ", source)
+
+
+def build(out_dir: str | os.PathLike, cxx: str | None = None) -> pathlib.Path:
+    out = pathlib.Path(out_dir)
+    src = out / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    units = []
+    for f in sorted(CUDA_SRC.iterdir()):
+        if f.suffix == ".cuh":
+            shutil.copy(f, src / f.name)
+        elif f.suffix == ".cu":
+            dst = src / (f.stem + ".cpp")
+            dst.write_text(rewrite_launches(f.read_text()))
+            units.append(dst)
+    if not units:
+        raise RuntimeError(f"no .cu sources in {CUDA_SRC}")
+    lib = out / "libmpncov_cuda_emu.so"
+    cmd = [cxx or os.environ.get("CXX", "g++"), "-std=c++17", "-O2", "-fPIC", "-shared",
+           "-Wall", "-Wno-unused-function", f"-I{HERE / 'include'}", f"-I{src}",
+           str(HERE / "emu_runtime.cpp"), str(HERE / "emu_api.cpp"), *map(str, units),
+           "-o", str(lib)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return lib
+
+
+def load(out_dir: str | os.PathLike) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build(out_dir)))
+    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    sig = {
+        "covpool_forward": [ptr, ptr, i64, i64, i64],
+        "covpool_backward": [ptr, ptr, ptr, i64, i64, i64],
+        "sqrtm_forward": [ptr, ptr, ptr, i64, i64, i64],
+        "sqrtm_backward": [ptr, ptr, ptr, ptr, i64, i64, i64, cint],
+        "triuvec_forward": [ptr, ptr, i64, i64],
+        "triuvec_backward": [ptr, ptr, i64, i64],
+    }
+    for name, args in sig.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib, f"emu_{name}_{suffix}")
+            fn.argtypes = args
+            fn.restype = cint
+    return lib

@@ -1,0 +1,124 @@
+// Fiber scheduler of the CUDA emulation (see include/emu_runtime.h).
+#include "emu_runtime.h"
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+namespace emu {
+
+dim3 thread_idx, block_idx, block_dim, grid_dim;
+cudaError_t last_error = cudaSuccess;
+
+namespace {
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct Fiber {
+  ucontext_t ctx;
+  std::unique_ptr<char[]> stack;
+  dim3 tid;
+  bool done = false;
+};
+
+std::vector<Fiber> fibers;
+ucontext_t scheduler;
+int current = 0;
+int nthreads = 0;
+const std::function<void()>* body = nullptr;
+unsigned long long events = 0;  // barrier arrivals and finished threads: progress
+
+// Block barrier: a generation count. Warp barriers: one per warp.
+int block_arrived = 0;
+unsigned long long block_generation = 0;
+std::vector<int> warp_arrived;
+std::vector<unsigned long long> warp_generation;
+std::vector<unsigned char> warp_buffer;
+
+void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
+
+void fiber_main() {
+  (*body)();
+  fibers[current].done = true;
+  ++events;
+}  // returns to `scheduler` through uc_link
+
+void wait_at(int& arrived, unsigned long long& generation, int members) {
+  ++events;
+  const unsigned long long mine = generation;
+  if (++arrived == members) {
+    arrived = 0;
+    ++generation;
+    return;
+  }
+  while (generation == mine) yield();
+}
+
+}  // namespace
+
+int linear_thread() {
+  return static_cast<int>(thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z));
+}
+
+void sync_block() { wait_at(block_arrived, block_generation, nthreads); }
+
+void sync_warp() {
+  const int w = linear_thread() >> 5;
+  const int members = std::min(32, nthreads - 32 * w);
+  wait_at(warp_arrived[w], warp_generation[w], members);
+}
+
+unsigned char* warp_slots() { return warp_buffer.data() + (linear_thread() >> 5) * 32 * 16; }
+
+void run_grid(dim3 grid, dim3 block, const std::function<void()>& fn) {
+  nthreads = static_cast<int>(block.x * block.y * block.z);
+  const int nwarps = (nthreads + 31) / 32;
+  if (static_cast<int>(fibers.size()) < nthreads) fibers.resize(nthreads);
+  warp_arrived.assign(nwarps, 0);
+  warp_generation.assign(nwarps, 0);
+  warp_buffer.assign(static_cast<size_t>(nwarps) * 32 * 16, 0);
+  body = &fn;
+  grid_dim = grid;
+  block_dim = block;
+  for (unsigned int bz = 0; bz < grid.z; ++bz)
+    for (unsigned int by = 0; by < grid.y; ++by)
+      for (unsigned int bx = 0; bx < grid.x; ++bx) {
+        block_idx = dim3(bx, by, bz);
+        block_arrived = 0;
+        for (int i = 0; i < nthreads; ++i) {
+          Fiber& f = fibers[i];
+          if (!f.stack) f.stack.reset(new char[kStackBytes]);
+          f.tid = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
+          f.done = false;
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.get();
+          f.ctx.uc_stack.ss_size = kStackBytes;
+          f.ctx.uc_link = &scheduler;
+          makecontext(&f.ctx, fiber_main, 0);
+        }
+        int remaining = nthreads;
+        while (remaining > 0) {
+          const unsigned long long before = events;
+          for (int i = 0; i < nthreads; ++i) {
+            if (fibers[i].done) continue;
+            current = i;
+            thread_idx = fibers[i].tid;
+            swapcontext(&scheduler, &fibers[i].ctx);
+            if (fibers[i].done) --remaining;
+          }
+          if (remaining > 0 && events == before) {
+            std::fprintf(stderr,
+                         "emu: deadlock in block (%u,%u,%u): %d of %d threads wait at a barrier "
+                         "the others never reach\n",
+                         bx, by, bz, remaining, nthreads);
+            std::abort();
+          }
+        }
+      }
+}
+
+}  // namespace emu
