@@ -74,7 +74,7 @@ def test_covpool(emu, c, m):
     close(dx, torch.ops.mpncov.covpool_backward(grad, x), dtype)
 
 
-@pytest.mark.parametrize("c,iters", [(1, 1), (1, 3), (3, 1), (3, 2), (17, 3), (17, 5),
+@pytest.mark.parametrize("c,iters", [(1, 1), (1, 3), (3, 1), (3, 2), (3, 8), (17, 3), (17, 4), (17, 5),
                                      (65, 2), (65, 5), (130, 3)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sqrtm(emu, c, iters, dtype):

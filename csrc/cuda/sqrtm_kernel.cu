@@ -297,14 +297,23 @@ cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, 
   return cudaGetLastError();
 }
 
-// Reverse chain rule of the recurrence. All iterates are symmetric, so for Y = P Q the
-// gradients are dP = dY Q and dQ = P dY without transposes.
+// Two ways to get dA from GY = sqrt(t) G:
+//
+// symmetric_grad (the pipeline; G replaced by its symmetric part): forward-mode
+// differentiation along E = GY. Y_N is a polynomial in A, and at symmetric A the Frechet
+// derivative of a polynomial is self-adjoint, so dA = L(A, E). Along a symmetric E every
+// derivative is symmetric, so every product computes only its upper triangle:
+//   dY1 = 1.5 E - 0.5 (E A + A E),  dZ1 = -0.5 E      (N = 1: dA = dY1)
+//   k = 1..N-1: dT = -0.5 (dZk Yk + Zk dYk);  dY(k+1) = dYk Tk + Yk dT;
+//               dZ(k+1) = dT Zk + Tk dZk (k < N-1);   dA = dY_N
+// 3 half-size products per step instead of the 2 full + 2 half of the reverse chain rule.
+//
+// otherwise: the reverse chain rule of the recurrence. All iterates are symmetric, so for
+// Y = P Q the gradients are dP = dY Q and dQ = P dY without transposes.
 //   N = 1:  dA = 0.5 (GY (3I - A) - A GY) = 1.5 GY - 0.5 GY A - 0.5 A GY
 //   last:   dT = Y(N-1) GY;  dY = GY T(N-1) - 0.5 Z(N-1) dT;  dZ = -0.5 dT Y(N-1)
 //   k = N-2..1: dT = Yk dY + dZ Zk;  dY' = dY Tk - 0.5 Zk dT;  dZ' = Tk dZ - 0.5 dT Yk
 //   first:  dA = dY T0 - 0.5 A dY - 0.5 dZ,  T0 = Z_1
-// dY, dZ, dA are symmetric when G is (symmetric_grad): then only their upper halves are
-// computed. dT never is, so its products are always full.
 template <typename T>
 cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s, T* work,
                            int64_t batch, int64_t n, int64_t iters, bool symmetric_grad,
@@ -315,7 +324,6 @@ cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s,
   const int64_t nn = n * n;
   const int64_t sb = sqrtm_saved_slots(iters) * nn;
   const int64_t total = batch * nn;
-  const bool up = symmetric_grad;
   const Runner<T> run{static_cast<int>(n), batch, stream};
 
   auto S = [&](int64_t slot) { return Mat<T>{saved + slot * nn, sb}; };
@@ -332,10 +340,13 @@ cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s,
   T* m0 = work + sqrtm_scalar_block(batch, 3);
   T* a = m0;
   T* gy = m0 + total;
-  T* dt = m0 + 2 * total;  // dT, and finally dA
-  // dY, dZ and (iters >= 3 only) their ping-pong copies.
-  T* dy[2] = {m0 + 3 * total, N >= 3 ? m0 + 5 * total : nullptr};
-  T* dz[2] = {m0 + 4 * total, N >= 3 ? m0 + 6 * total : nullptr};
+  T* dt = m0 + 2 * total;
+  // Up to four more matrices (sqrtm_backward_matrices): the gradients dY, dZ and their
+  // ping-pong copies; only the ones the recurrence of this N uses exist.
+  auto slot = [&](int i) -> T* {
+    return 3 + i < sqrtm_backward_matrices(iters) ? m0 + (3 + i) * total : nullptr;
+  };
+  T* da = dt;
 
   MPNCOV_TRY(run.trace(s, t));
   backward_prep_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(
@@ -345,31 +356,58 @@ cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s,
 
   if (N == 1) {
     MPNCOV_TRY(run.product(W(gy), W(a), T(-0.5), W(a), W(gy), T(-0.5), W(gy), T(1.5), T(0), dt,
-                           nn, up));
+                           nn, symmetric_grad));
+  } else if (symmetric_grad) {
+    T* dy[2] = {slot(0), slot(1)};
+    T* dz[2] = {slot(2), slot(3)};
+    MPNCOV_TRY(run.product(W(gy), W(a), T(-0.5), W(a), W(gy), T(-0.5), W(gy), T(1.5), T(0),
+                           dy[0], nn, true));
+    int cy = 0, cz = 0;
+    for (int k = 1; k <= N - 1; ++k) {
+      // dT = -0.5 (dZk Yk + Zk dYk); at k = 1, dZ1 = -0.5 E is folded into the coefficient.
+      const Mat<T> dzk = k == 1 ? W(gy) : W(dz[cz]);
+      const T c_dz = k == 1 ? T(0.25) : T(-0.5);
+      MPNCOV_TRY(run.product(dzk, Y(k), c_dz, Z(k), W(dy[cy]), T(-0.5), none, T(0), T(0), dt, nn,
+                             true));
+      // dY(k+1) = dYk Tk + Yk dT
+      MPNCOV_TRY(run.product(W(dy[cy]), Tm(k), T(1), Y(k), W(dt), T(1), none, T(0), T(0),
+                             dy[1 - cy], nn, true));
+      cy = 1 - cy;
+      if (k < N - 1) {
+        // dZ(k+1) = dT Zk + Tk dZk
+        T* dz_next = k == 1 ? dz[0] : dz[1 - cz];
+        MPNCOV_TRY(run.product(W(dt), Z(k), T(1), Tm(k), dzk, k == 1 ? T(-0.5) : T(1), none,
+                               T(0), T(0), dz_next, nn, true));
+        cz = k == 1 ? 0 : 1 - cz;
+      }
+    }
+    da = dy[cy];
   } else {
+    T* dy[2] = {slot(0), slot(2)};
+    T* dz[2] = {slot(1), slot(3)};
     // Last step.
     MPNCOV_TRY(run.product(Y(N - 1), W(gy), T(1), T(0), dt, nn, false));
     MPNCOV_TRY(run.product(W(gy), Tm(N - 1), T(1), Z(N - 1), W(dt), T(-0.5), none, T(0), T(0),
-                           dy[0], nn, up));
-    MPNCOV_TRY(run.product(W(dt), Y(N - 1), T(-0.5), T(0), dz[0], nn, up));
+                           dy[0], nn, false));
+    MPNCOV_TRY(run.product(W(dt), Y(N - 1), T(-0.5), T(0), dz[0], nn, false));
     int cur = 0;
     for (int k = N - 2; k >= 1; --k) {
       const int nxt = 1 - cur;
       MPNCOV_TRY(run.product(Y(k), W(dy[cur]), T(1), W(dz[cur]), Z(k), T(1), none, T(0), T(0),
                              dt, nn, false));
       MPNCOV_TRY(run.product(W(dy[cur]), Tm(k), T(1), Z(k), W(dt), T(-0.5), none, T(0), T(0),
-                             dy[nxt], nn, up));
+                             dy[nxt], nn, false));
       MPNCOV_TRY(run.product(Tm(k), W(dz[cur]), T(1), W(dt), Y(k), T(-0.5), none, T(0), T(0),
-                             dz[nxt], nn, up));
+                             dz[nxt], nn, false));
       cur = nxt;
     }
     // First step: dA = dY Z_1 - 0.5 A dY - 0.5 dZ (into dt: not an input here).
     MPNCOV_TRY(run.product(W(dy[cur]), Z(1), T(1), W(a), W(dy[cur]), T(-0.5), W(dz[cur]),
-                           T(-0.5), T(0), dt, nn, up));
+                           T(-0.5), T(0), dt, nn, false));
   }
-  MPNCOV_TRY(run.dot(W(dt), W(a), adot));
+  MPNCOV_TRY(run.dot(W(da), W(a), adot));
   backward_final_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(
-      dt, t, gdot, adot, grad_s, static_cast<int>(n), total);
+      da, t, gdot, adot, grad_s, static_cast<int>(n), total);
   return cudaGetLastError();
 }
 

@@ -6,7 +6,9 @@
 //           Y = Y(N-1) T(N-1)
 //   out = sqrt(t) Y
 // saved (batch, 3(N-1)+1, n, n) = [Y_1..Y_{N-1}, Z_1..Z_{N-1}, T_1..T_{N-1}, Y].
-// Backward: the reverse chain rule of that recurrence (see sqrtm_kernel.cu), then
+// Backward: dA from GY = sqrt(t) G by forward-mode differentiation of the recurrence
+// when symmetric_grad (the pipeline), else by its reverse chain rule (see
+// sqrtm_kernel.cu), then
 //   dS = dA / t + (<G, Y> / (2 sqrt t) - <dA, A> / t) I, and dS = 0 where t = 0.
 //
 // All matrices are contiguous row-major; `work` is caller-allocated scratch of
@@ -34,8 +36,8 @@ inline int64_t sqrtm_forward_workspace(int64_t batch, int64_t n, int64_t iters) 
   return sqrtm_scalar_block(batch, 1) + (iters == 1 ? 2 : 1) * batch * n * n;
 }
 
-// Number of n x n scratch matrices of sqrtm_backward: A, GY, dT (also dA), then the
-// gradients dY, dZ (iters >= 2) and their ping-pong copies (iters >= 3).
+// Number of n x n scratch matrices of sqrtm_backward: A, GY, dT (also dA), then up to
+// four for dY, dZ and their ping-pong copies (iters = 2 needs two, iters >= 3 four).
 inline int64_t sqrtm_backward_matrices(int64_t iters) {
   return iters == 1 ? 3 : (iters == 2 ? 5 : 7);
 }
