@@ -46,8 +46,6 @@ __global__ void __launch_bounds__(gemm::kBlock)
   gemm::upper_tile(blockIdx.x, gemm::tiles_for(c), tr, tc);
   const int row0 = tr * kTile;
   const int col0 = tc * kTile;
-  const int tx = threadIdx.x % gemm::kDimX;
-  const int ty = threadIdx.x / gemm::kDimX;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
     // Xc(i, k) = x[i, k] - mean[i]; P = Xc, Q = Xc^T (read as Xc).
     const Operand<T> xc{x + b * c * static_cast<int64_t>(m), mean + b * c, c, m, m, T(1)};
@@ -57,10 +55,10 @@ __global__ void __launch_bounds__(gemm::kBlock)
     T* o = out + b * c * static_cast<int64_t>(c);
 #pragma unroll
     for (int r = 0; r < kPerY; ++r) {
-      const int i = row0 + ty + gemm::kDimY * r;
+      const int i = row0 + gemm::tile_row(r);
 #pragma unroll
       for (int q = 0; q < kPerX; ++q) {
-        const int j = col0 + tx + gemm::kDimX * q;
+        const int j = col0 + gemm::tile_col(q);
         if (i < c && j < c && i <= j) {
           const T v = acc[r][q] / static_cast<T>(m);
           o[static_cast<int64_t>(i) * c + j] = v;
@@ -94,8 +92,6 @@ __global__ void __launch_bounds__(gemm::kBlock)
   const int tiles_m = gemm::tiles_for(m);
   const int row0 = (blockIdx.x / tiles_m) * kTile;
   const int col0 = (blockIdx.x % tiles_m) * kTile;
-  const int tx = threadIdx.x % gemm::kDimX;
-  const int ty = threadIdx.x / gemm::kDimX;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
     const int64_t xoff = b * c * static_cast<int64_t>(m);
     const Operand<T> hp{h + b * c * static_cast<int64_t>(c), nullptr, c, c, c, T(1)};
@@ -106,10 +102,10 @@ __global__ void __launch_bounds__(gemm::kBlock)
     T* o = dx + xoff;
 #pragma unroll
     for (int r = 0; r < kPerY; ++r) {
-      const int i = row0 + ty + gemm::kDimY * r;
+      const int i = row0 + gemm::tile_row(r);
 #pragma unroll
       for (int q = 0; q < kPerX; ++q) {
-        const int j = col0 + tx + gemm::kDimX * q;
+        const int j = col0 + gemm::tile_col(q);
         if (i < c && j < m) o[static_cast<int64_t>(i) * m + j] = acc[r][q] / static_cast<T>(m);
       }
     }

@@ -61,8 +61,6 @@ __global__ void __launch_bounds__(gemm::kBlock) product_kernel(const ProductArgs
   }
   const int row0 = tr * kTile;
   const int col0 = tc * kTile;
-  const int tx = threadIdx.x % gemm::kDimX;
-  const int ty = threadIdx.x / gemm::kDimX;
   for (int64_t b = blockIdx.y; b < args.batch; b += gridDim.y) {
     T acc[kPerY][kPerX];
     gemm::zero(acc);
@@ -80,10 +78,10 @@ __global__ void __launch_bounds__(gemm::kBlock) product_kernel(const ProductArgs
     T* o = args.out + b * args.out_bstride;
 #pragma unroll
     for (int r = 0; r < kPerY; ++r) {
-      const int i = row0 + ty + gemm::kDimY * r;
+      const int i = row0 + gemm::tile_row(r);
 #pragma unroll
       for (int q = 0; q < kPerX; ++q) {
-        const int j = col0 + tx + gemm::kDimX * q;
+        const int j = col0 + gemm::tile_col(q);
         if (i >= n || j >= n) continue;
         if (args.upper && i > j) continue;  // only in diagonal tiles
         const int64_t ij = static_cast<int64_t>(i) * n + j;

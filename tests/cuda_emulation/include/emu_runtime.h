@@ -31,6 +31,14 @@ struct dim3 {
       : x(x_), y(y_), z(z_) {}
 };
 
+// CUDA's built-in vector types (16-byte aligned like on the device).
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) double2 {
+  double x, y;
+};
+
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
