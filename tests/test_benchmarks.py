@@ -242,3 +242,15 @@ def test_networks_section_tiny(tmp_path, capsys):
         assert nets[n]["error"] is None and nets[n]["images_per_s"] > 0
     assert nets["no_such_model"]["error"]
     assert (tmp_path / "networks.csv").exists()
+
+
+def test_profile_kernels_smoke(tmp_path, capsys):
+    _mpncov_or_skip()
+    from benchmarks import profile_kernels
+    out = tmp_path / "profile.json"
+    assert profile_kernels.main(["--device", "cpu", "--shape", "B=2,C=8,M=16,N=3", "--steps", "1",
+                                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rows"] and abs(sum(r["share"] for r in data["rows"]) - 1) < 1e-6
+    assert any("mpncov::" in r["name"] for r in data["rows"])
+    assert "total ms per step" in capsys.readouterr().out
