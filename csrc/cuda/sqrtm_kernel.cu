@@ -304,7 +304,8 @@ cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, 
 //   dY1 = 1.5 E - 0.5 (E A + A E),  dZ1 = -0.5 E      (N = 1: dA = dY1)
 //   k = 1..N-1: dT = -0.5 (dZk Yk + Zk dYk);  dY(k+1) = dYk Tk + Yk dT;
 //               dZ(k+1) = dT Zk + Tk dZk (k < N-1);   dA = dY_N
-// 3 half-size products per step instead of the 2 full + 2 half of the reverse chain rule.
+// Per step 6 half-size products (3 full-size equivalents), against the reverse chain
+// rule's 2 full and 4 half-size (4 equivalents: dT is not symmetric).
 //
 // otherwise: the reverse chain rule of the recurrence. All iterates are symmetric, so for
 // Y = P Q the gradients are dP = dY Q and dQ = P dY without transposes.

@@ -45,7 +45,9 @@ def build(out_dir: str | os.PathLike, cxx: str | None = None) -> pathlib.Path:
            "-Wall", "-Wno-unused-function", f"-I{HERE / 'include'}", f"-I{src}",
            str(HERE / "emu_runtime.cpp"), str(HERE / "emu_api.cpp"), *map(str, units),
            "-o", str(lib)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"building the CUDA emulation failed:\n{' '.join(cmd)}\n{res.stderr}")
     return lib
 
 
