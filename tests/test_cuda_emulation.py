@@ -9,7 +9,6 @@ op, and that no kernel reads scratch it did not write (scratch is NaN-filled). I
 nothing about speed, the memory model or anything that needs real hardware: the GPU tests
 in test_cuda.py are still the ones that count.
 """
-import ctypes
 import shutil
 import sys
 
@@ -38,7 +37,7 @@ def call(lib, name, dtype, *args):
     assert rc == 0, f"{name} returned cudaError {rc}"
 
 
-def nan_like(shape, dtype):
+def nan_filled(shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype)
 
 
@@ -64,12 +63,12 @@ def test_covpool(emu, c, m):
     dtype = torch.float64
     g = torch.Generator().manual_seed(c * 1000 + m)
     x = (torch.randn(2, c, m, generator=g, dtype=dtype) + 3.0).contiguous()
-    out = nan_like((2, c, c), dtype)
+    out = nan_filled((2, c, c), dtype)
     call(emu, "covpool_forward", dtype, x, out, 2, c, m)
     close(out, torch.ops.mpncov.covpool(x), dtype)
     assert torch.equal(out, out.transpose(1, 2)), "covpool output must be exactly symmetric"
     grad = torch.randn(2, c, c, generator=g, dtype=dtype)
-    dx = nan_like((2, c, m), dtype)
+    dx = nan_filled((2, c, m), dtype)
     call(emu, "covpool_backward", dtype, grad, x, dx, 2, c, m)
     close(dx, torch.ops.mpncov.covpool_backward(grad, x), dtype)
 
@@ -85,7 +84,7 @@ def test_sqrtm(emu, c, iters, dtype):
     b = 3
     s = spd_batch(b, c, dtype, zero_sample=1, seed=c + iters)
     slots = 3 * (iters - 1) + 1
-    out, saved = nan_like((b, c, c), dtype), nan_like((b, slots, c, c), dtype)
+    out, saved = nan_filled((b, c, c), dtype), nan_filled((b, slots, c, c), dtype)
     call(emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters)
     ref_out, ref_saved = torch.ops.mpncov.sqrtm(s, iters)
     close(out, ref_out, dtype)
@@ -94,7 +93,7 @@ def test_sqrtm(emu, c, iters, dtype):
 
     g = torch.randn(b, c, c, generator=torch.Generator().manual_seed(7), dtype=dtype)
     for symmetric in (False, True):
-        ds = nan_like((b, c, c), dtype)
+        ds = nan_filled((b, c, c), dtype)
         call(emu, "sqrtm_backward", dtype, g, s, saved, ds, b, c, iters, int(symmetric))
         close(ds, torch.ops.mpncov.sqrtm_backward(g, s, ref_saved, iters, symmetric), dtype)
         assert torch.equal(ds[1], torch.zeros_like(ds[1])), "zero trace must give zero grad"
@@ -107,11 +106,11 @@ def test_triuvec(emu, c):
     dtype = torch.float64
     s = torch.randn(2, c, c, dtype=dtype)
     k = c * (c + 1) // 2
-    v = nan_like((2, k), dtype)
+    v = nan_filled((2, k), dtype)
     call(emu, "triuvec_forward", dtype, s, v, 2, c)
     assert torch.equal(v, torch.ops.mpncov.triuvec(s))
     gv = torch.randn(2, k, dtype=dtype)
-    out = nan_like((2, c, c), dtype)
+    out = nan_filled((2, c, c), dtype)
     call(emu, "triuvec_backward", dtype, gv, out, 2, c)
     assert torch.equal(out, torch.ops.mpncov.triuvec_backward(gv, c))
 
