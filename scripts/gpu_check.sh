@@ -78,8 +78,8 @@ if want test; then
   # CUDA tests first: they are the point of a GPU session if time runs short.
   step "pytest-cuda" "$LOG_DIR/pytest-cuda.log" "$PYTHON" -m pytest -q -rs tests/test_cuda.py \
     --junitxml="$LOG_DIR/pytest-cuda.xml"
-  step "pytest" "$LOG_DIR/pytest.log" "$PYTHON" -m pytest -q -rs tests/ --ignore=tests/test_cuda.py \
-    --junitxml="$LOG_DIR/pytest.xml"
+  step "pytest" "$LOG_DIR/pytest.log" "$PYTHON" -m pytest -q -rs tests/ \
+    --ignore=tests/test_cuda.py --junitxml="$LOG_DIR/pytest.xml"
 fi
 if want bench; then
   step "benchmark" "$LOG_DIR/benchmark.log" "$PYTHON" -m benchmarks.run --device cuda --quick \
