@@ -28,7 +28,8 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the kernels and registers the schemas)
 
-__all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "release_cpu_buffers", "cpu_buffer_bytes", "OPS"]
+__all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "release_cpu_buffers", "cpu_buffer_bytes",
+           "OPS"]
 
 #: The registered operator names (forward and backward).
 OPS = (
@@ -131,8 +132,6 @@ def isqrt_cov(x: Tensor, iters: int = 5) -> Tensor:
     return torch.ops.mpncov.isqrt_cov(_as_bcm(x, "isqrt_cov"), iters)[0]
 
 
-# ---------------------------------------------------------------------- fake kernels
-
 def release_cpu_buffers() -> None:
     """Free the CPU work buffers mpncov keeps between calls.
 
@@ -152,6 +151,8 @@ def cpu_buffer_bytes() -> int:
     :func:`release_cpu_buffers`."""
     return int(torch.ops.mpncov._cpu_buffer_bytes())
 
+
+# ---------------------------------------------------------------------- fake kernels
 
 @torch.library.register_fake("mpncov::covpool")
 def _covpool_fake(x):

@@ -119,6 +119,16 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t ite
 // Scratch of the backward of one sample: A, GY and five C x C work matrices.
 constexpr int64_t kBackwardScratch = 7;
 
+// The five C x C work matrices of either way to dL/dA (in `work`, after A and GY): the
+// gradients dY, dZ, dT and the next step's dY, dZ.
+template <typename T>
+struct GradientWork {
+  T *dy, *dz, *dt, *dy_next, *dz_next;
+  static GradientWork in(T* work, int64_t CC) {
+    return {work, work + CC, work + 2 * CC, work + 3 * CC, work + 4 * CC};
+  }
+};
+
 // dL/dA from GY = dL/dY for a symmetric GY, by forward-mode differentiation.
 //
 // Y_N is a polynomial in A, and at a symmetric A the Frechet derivative L(A, .) of a
@@ -137,11 +147,7 @@ scalar_t* grad_a_symmetric(const scalar_t* e, const scalar_t* a, const SavedIter
                            scalar_t* work) {
   using T = scalar_t;
   const int64_t C = it.C, N = it.N, CC = C * C;
-  T* dy = work;
-  T* dz = work + CC;
-  T* dt = work + 2 * CC;
-  T* dy_next = work + 3 * CC;
-  T* dz_next = work + 4 * CC;
+  auto [dy, dz, dt, dy_next, dz_next] = GradientWork<T>::in(work, CC);
   std::copy(e, e + CC, dy);
   matrix_product<T>(out(dy, C), {{in(e, C), in(a, C), T(-0.5)}, {in(a, C), in(e, C), T(-0.5)}},
                     T(1.5), true);
@@ -169,11 +175,7 @@ scalar_t* grad_a_general(const scalar_t* gy, const scalar_t* a, const SavedItera
                          scalar_t* work) {
   using T = scalar_t;
   const int64_t C = it.C, N = it.N, CC = C * C;
-  T* dt = work;
-  T* dy = work + CC;
-  T* dz = work + 2 * CC;
-  T* dy_next = work + 3 * CC;
-  T* dz_next = work + 4 * CC;
+  auto [dy, dz, dt, dy_next, dz_next] = GradientWork<T>::in(work, CC);
   if (N == 1) {
     // dA = 0.5 (GY (3I - A) - A GY) = 1.5 GY - 0.5 GY A - 0.5 A GY
     std::copy(gy, gy + CC, dy);
