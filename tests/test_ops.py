@@ -238,6 +238,23 @@ def test_zero_sample_does_not_affect_others():
     assert torch.equal(out[1], torch.zeros(5, 5, dtype=F64))
 
 
+def test_cpu_results_do_not_depend_on_threads():
+    # The CPU kernels hand samples to threads on demand, so which thread computes a sample
+    # changes from call to call; every sample must still come out bitwise the same.
+    x = _x((37, 40, 30), dtype=torch.float32)
+    g = _x((37, 40 * 41 // 2), dtype=torch.float32, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = _grad(lambda t: mpncov.isqrt_cov(t, 5), x, g)
+        torch.set_num_threads(max(2, threads))
+        for _ in range(3):
+            out = _grad(lambda t: mpncov.isqrt_cov(t, 5), x, g)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --------------------------------------------------------- dtype x device x layout
 
 DTYPE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <memory>
 
 namespace mpncov {
@@ -45,11 +46,26 @@ void check_square(const at::Tensor& t, const char* op, const char* arg);
 // steps, and there is no barrier between steps. `scratch` is a per-thread buffer of
 // scratch_size elements (uninitialised). BLAS called inside runs single-threaded; when
 // there is one sample (no parallel region) it may use its own threads.
+//
+// Samples are handed out on demand in shrinking runs (half of what is left, split over
+// the threads, down to one sample), not as one fixed slice per thread: a thread that
+// starts late (woken from sleep for this parallel region) or is slowed down (a shared
+// machine) no longer holds up the whole call. Measured on a 2-core VM, pipeline fwd+bwd,
+// B = 64, C = 64, N = 3, 8 alternating pairs of runs: median 8.4 ms against 9.7 ms with fixed
+// slices. Which thread computes a sample does not change its result.
 template <typename T, typename F>
 void parallel_over_samples(int64_t B, int64_t scratch_size, const F& fn) {
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t workers = std::min<int64_t>(B, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::unique_ptr<T[]> scratch(new T[std::max<int64_t>(scratch_size, 1)]);
-    for (int64_t b = b0; b < b1; ++b) fn(b, scratch.get());
+    int64_t b0 = next.load(std::memory_order_relaxed);
+    while (b0 < B) {
+      const int64_t run = std::max<int64_t>(1, (B - b0) / (2 * workers));
+      if (!next.compare_exchange_weak(b0, b0 + run, std::memory_order_relaxed)) continue;
+      for (int64_t b = b0; b < b0 + run; ++b) fn(b, scratch.get());
+      b0 = next.load(std::memory_order_relaxed);
+    }
   });
 }
 
