@@ -39,6 +39,15 @@ def cpu_products() -> str:
     return torch.ops.mpncov._cpu_products()
 
 
+def cpu_transposes() -> str:
+    """How the CPU kernels mirror symmetric results: AVX2 register transposes or scalar."""
+    import mpncov.ops  # noqa: F401  (loads the extension)
+    kind = torch.ops.mpncov._cpu_transpose_kernel()
+    if kind == "avx2":
+        return "AVX2 (8x8 float / 4x4 double tiles in registers)"
+    return "scalar (no AVX2, or MPNCOV_CPU_SIMD=0)"
+
+
 def _compiler() -> str:
     for line in torch.__config__.show().splitlines():
         line = line.strip()
@@ -59,6 +68,7 @@ def report() -> str:
         f"CUDA kernels  {'built, archs ' + str(cfg.get('CUDA_ARCHS')) if cfg.get('WITH_CUDA') else 'not built (CPU only)'}",
         f"CPU threads   {torch.get_num_threads()}",
         f"CPU products  {cpu_products()}",
+        f"CPU mirror    {cpu_transposes()}",
         "operators (backend kernels):",
     ]
     for name, keys in registered_ops().items():

@@ -413,6 +413,53 @@ def test_aten_product_path_matches_reference():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
+# ------------------------------------------------------- AVX2 and scalar transposes
+
+# Computes the pipeline (every symmetric product is mirrored), covpool's backward and
+# sqrtm's symmetric-gradient backward (both symmetrise a gradient) and saves the results.
+_TRANSPOSE_SCRIPT = r"""
+import sys, torch
+import mpncov
+results = {"kind": torch.ops.mpncov._cpu_transpose_kernel()}
+for dtype in (torch.float64, torch.float32):
+    # sizes that are not multiples of the 8 x 8 / 4 x 4 register tiles, and several row blocks
+    for b, c, m in ((2, 7, 11), (2, 50, 20), (2, 130, 50), (2, 203, 30)):
+        g = torch.Generator().manual_seed(c)
+        x = torch.randn(b, c, m, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+        gv = torch.randn(b, c * (c + 1) // 2, generator=g, dtype=torch.float64).to(dtype)
+        gc = torch.randn(b, c, c, generator=g, dtype=torch.float64).to(dtype)
+        out = mpncov.isqrt_cov(x, 3)
+        (dx,) = torch.autograd.grad(out, x, gv)
+        (dxc,) = torch.autograd.grad(mpncov.covpool(x), x, gc)
+        results[(str(dtype), c)] = (out.detach(), dx, dxc)
+torch.save(results, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(torch.ops.mpncov._cpu_transpose_kernel() != "avx2",
+                    reason="this CPU has no AVX2: only the scalar transposes exist")
+def test_avx2_and_scalar_transposes_give_identical_results(tmp_path):
+    """The mirror of symmetric results and the symmetrised gradients are plain copies and
+    sums, so the AVX2 transposes must give the scalar path's results bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for simd in ("1", "0"):
+        path = tmp_path / f"simd{simd}.pt"
+        env = dict(os.environ, MPNCOV_CPU_SIMD=simd)
+        r = subprocess.run([sys.executable, "-c", _TRANSPOSE_SCRIPT, str(path)], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        results[simd] = torch.load(path)
+    assert results["1"].pop("kind") == "avx2" and results["0"].pop("kind") == "scalar"
+    assert results["1"].keys() == results["0"].keys()
+    for key, fast in results["1"].items():
+        for a, b in zip(fast, results["0"][key]):
+            assert torch.equal(a, b), key
+
+
 # ------------------------------------------------------------ reused CPU buffers
 
 # The buffer cache is process-wide state (and other tests' objects may still hold

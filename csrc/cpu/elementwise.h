@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "transpose.h"
+
 namespace mpncov {
 
 // Independent partial sums per reduction: enough to hide the latency of the additions.
@@ -46,7 +48,7 @@ void scale_into(T* out, const T* x, T alpha, int64_t n) {
 }
 
 // out = alpha * (g + g^T) for a dense C x C matrix (out must not alias g), in square
-// tiles so that the transposed reads stay in L1.
+// tiles: each tile of out first receives the transposed tile of g, then adds its own.
 template <typename T>
 void symmetric_part(T* out, const T* g, T alpha, int64_t C) {
   constexpr int64_t tile = 32;
@@ -54,8 +56,10 @@ void symmetric_part(T* out, const T* g, T alpha, int64_t C) {
     const int64_t i1 = std::min(C, i0 + tile);
     for (int64_t j0 = 0; j0 < C; j0 += tile) {
       const int64_t j1 = std::min(C, j0 + tile);
+      transpose_tile(g + j0 * C + i0, C, out + i0 * C + j0, C, i1 - i0, j1 - j0);
       for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = j0; j < j1; ++j) out[i * C + j] = alpha * (g[i * C + j] + g[j * C + i]);
+#pragma omp simd
+        for (int64_t j = j0; j < j1; ++j) out[i * C + j] = alpha * (g[i * C + j] + out[i * C + j]);
     }
   }
 }

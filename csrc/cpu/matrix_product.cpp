@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "transpose.h"
+
 namespace mpncov {
 
 int64_t symmetric_block_size(int64_t n) {
@@ -14,8 +16,8 @@ int64_t symmetric_block_size(int64_t n) {
 
 namespace {
 
-// Copy the entries left of the diagonal blocks from their mirror images, in small square
-// tiles so both sides stay in L1.
+// Copy the entries left of the diagonal blocks from their mirror images, in square tiles
+// so both sides stay in L1.
 template <typename T>
 void mirror_block_upper(const MatrixView<T>& m, int64_t step) {
   const int64_t n = m.rows, ld = m.row_stride;
@@ -26,8 +28,8 @@ void mirror_block_upper(const MatrixView<T>& m, int64_t step) {
     const int64_t jmax = (i0 / step) * step;  // tiles never straddle a block edge
     for (int64_t j0 = 0; j0 < jmax; j0 += tile) {
       const int64_t j1 = std::min(jmax, j0 + tile);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t j = j0; j < j1; ++j) p[i * ld + j] = p[j * ld + i];
+      // rows [i0, i1) x columns [j0, j1) from rows [j0, j1) x columns [i0, i1)
+      transpose_tile(p + j0 * ld + i0, ld, p + i0 * ld + j0, ld, i1 - i0, j1 - j0);
     }
   }
 }
