@@ -1,6 +1,9 @@
 """covpool, sqrtm, triuvec and the isqrt_cov pipeline against the float64 references of
 tests/reference.py: values, gradients, gradcheck, opcheck, dtypes, layouts, bad input."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ import mpncov
 from reference import covpool_ref, isqrt_cov_ref, spd, sqrtm_ref, triuvec_ref
 
 F64 = torch.float64
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # (B, C, M): C = 1, odd C, M < C (rank deficient), M = 1, and C large enough for the
 # blocked symmetric products (C >= 96) with a ragged last block.
@@ -26,6 +30,13 @@ def _close(a, b, tol):
     err = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
     scale = max(1.0, b.double().abs().max().item() if b.numel() else 0.0)
     assert err <= tol * scale, f"max error {err:.3g} > {tol:.1g} x {scale:.3g}"
+
+
+def _fresh_python(script, *args, env, timeout=600):
+    """Runs `script` in a new interpreter (for process-wide state: environment switches read
+    once, the CPU buffer cache), with the tests folder as its first argument."""
+    return subprocess.run([sys.executable, "-c", script, TESTS_DIR, *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _grad(fn, inp, g):
@@ -400,16 +411,9 @@ print("ok")
 def test_aten_product_path_matches_reference():
     """MPNCOV_CPU_DIRECT_BLAS=0 sends every CPU product through ATen's mm (the path used
     where torch's BLAS exports no sgemm_/dgemm_); it must give the same results."""
-    import os
-    import subprocess
-    import sys
-
     assert mpncov.info.cpu_products().startswith("direct BLAS") or "exports no" in \
         mpncov.info.cpu_products()
-    env = dict(os.environ, MPNCOV_CPU_DIRECT_BLAS="0")
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    r = subprocess.run([sys.executable, "-c", _FALLBACK_SCRIPT, tests_dir], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = _fresh_python(_FALLBACK_SCRIPT, env=dict(os.environ, MPNCOV_CPU_DIRECT_BLAS="0"))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
@@ -432,7 +436,7 @@ for dtype in (torch.float64, torch.float32):
         (dx,) = torch.autograd.grad(out, x, gv)
         (dxc,) = torch.autograd.grad(mpncov.covpool(x), x, gc)
         results[(str(dtype), c)] = (out.detach(), dx, dxc)
-torch.save(results, sys.argv[1])
+torch.save(results, sys.argv[2])
 """
 
 
@@ -441,16 +445,10 @@ torch.save(results, sys.argv[1])
 def test_avx2_and_scalar_transposes_give_identical_results(tmp_path):
     """The mirror of symmetric results and the symmetrised gradients are plain copies and
     sums, so the AVX2 transposes must give the scalar path's results bit for bit."""
-    import os
-    import subprocess
-    import sys
-
     results = {}
     for simd in ("1", "0"):
         path = tmp_path / f"simd{simd}.pt"
-        env = dict(os.environ, MPNCOV_CPU_SIMD=simd)
-        r = subprocess.run([sys.executable, "-c", _TRANSPOSE_SCRIPT, str(path)], env=env,
-                           capture_output=True, text=True, timeout=600)
+        r = _fresh_python(_TRANSPOSE_SCRIPT, path, env=dict(os.environ, MPNCOV_CPU_SIMD=simd))
         assert r.returncode == 0, r.stdout + r.stderr
         results[simd] = torch.load(path)
     assert results["1"].pop("kind") == "avx2" and results["0"].pop("kind") == "scalar"
@@ -527,12 +525,6 @@ print("ok")
 
 
 def test_saved_buffer_reuse_release_and_opt_out():
-    import os
-    import subprocess
-    import sys
-
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = {k: v for k, v in os.environ.items() if k != "MPNCOV_CPU_BUFFER_CACHE"}
-    r = subprocess.run([sys.executable, "-c", _BUFFER_SCRIPT, tests_dir], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = _fresh_python(_BUFFER_SCRIPT, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr

@@ -34,8 +34,8 @@ bool avx2_available() {
 
 // 8 x 8 floats: rows r0..r7 of src become columns of dst (unpack pairs, shuffle quads,
 // then swap 128-bit halves).
-__attribute__((target("avx2"))) inline void transpose_8x8(const float* src, int64_t lds,
-                                                          float* dst, int64_t ldd) {
+__attribute__((target("avx2"))) inline void transpose_kernel(const float* src, int64_t lds,
+                                                             float* dst, int64_t ldd) {
   const __m256 r0 = _mm256_loadu_ps(src + 0 * lds), r1 = _mm256_loadu_ps(src + 1 * lds);
   const __m256 r2 = _mm256_loadu_ps(src + 2 * lds), r3 = _mm256_loadu_ps(src + 3 * lds);
   const __m256 r4 = _mm256_loadu_ps(src + 4 * lds), r5 = _mm256_loadu_ps(src + 5 * lds);
@@ -59,8 +59,8 @@ __attribute__((target("avx2"))) inline void transpose_8x8(const float* src, int6
 }
 
 // 4 x 4 doubles.
-__attribute__((target("avx2"))) inline void transpose_4x4(const double* src, int64_t lds,
-                                                          double* dst, int64_t ldd) {
+__attribute__((target("avx2"))) inline void transpose_kernel(const double* src, int64_t lds,
+                                                             double* dst, int64_t ldd) {
   const __m256d r0 = _mm256_loadu_pd(src + 0 * lds), r1 = _mm256_loadu_pd(src + 1 * lds);
   const __m256d r2 = _mm256_loadu_pd(src + 2 * lds), r3 = _mm256_loadu_pd(src + 3 * lds);
   const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
@@ -69,15 +69,6 @@ __attribute__((target("avx2"))) inline void transpose_4x4(const double* src, int
   _mm256_storeu_pd(dst + 1 * ldd, _mm256_permute2f128_pd(t1, t3, 0x20));
   _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(t0, t2, 0x31));
   _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(t1, t3, 0x31));
-}
-
-__attribute__((target("avx2"))) inline void transpose_kernel(const float* src, int64_t lds,
-                                                              float* dst, int64_t ldd) {
-  transpose_8x8(src, lds, dst, ldd);
-}
-__attribute__((target("avx2"))) inline void transpose_kernel(const double* src, int64_t lds,
-                                                              double* dst, int64_t ldd) {
-  transpose_4x4(src, lds, dst, ldd);
 }
 
 // Whole k x k sub-tiles in registers, the ragged right and bottom edges element by element.
