@@ -73,32 +73,192 @@ def test_covpool(emu, c, m):
     close(dx, torch.ops.mpncov.covpool_backward(grad, x), dtype)
 
 
+# ---- sqrtm: the function is iSQRT of sym(S) = (S + S^T)/2, t = tr(S) -----------------------
+
+def ref_sqrtm(s, iters):
+    """float64 reference with plain torch ops: every product full, t = 0 -> zero output."""
+    s = s.double()
+    n = s.shape[-1]
+    eye = torch.eye(n, dtype=s.dtype).expand_as(s)
+    t = s.diagonal(dim1=1, dim2=2).sum(-1)
+    t = torch.where(t == 0, torch.ones_like(t), t)[:, None, None]
+    a = 0.5 * (s + s.transpose(1, 2)) / t
+    t0 = 0.5 * (3 * eye - a)
+    y, z = a @ t0, t0
+    for _ in range(iters - 2):
+        tk = 0.5 * (3 * eye - z @ y)
+        y, z = y @ tk, tk @ z
+    if iters >= 2:
+        y = y @ (0.5 * (3 * eye - z @ y))
+    return t.sqrt() * y
+
+
+def ref_sqrtm_grad(s, g, iters):
+    """dL/dS of ref_sqrtm(S) for L = <G, out>, zero where tr(S) = 0 (the rule for t = 0)."""
+    s = s.double().clone().requires_grad_()
+    (ds,) = torch.autograd.grad(ref_sqrtm(s, iters), s, g.double())
+    ds[s.detach().diagonal(dim1=1, dim2=2).sum(-1) == 0] = 0
+    return ds
+
+
+def cpu_sqrtm_backward(g, s, saved, iters):
+    """The CPU op's gradient of sqrtm(sym(S)), with or without the old symmetric_grad flag
+    (its symmetric_grad=True path is the one that rule R2 keeps)."""
+    op = torch.ops.mpncov.sqrtm_backward.default
+    if len(op._schema.arguments) == 5:
+        return op(g, s, saved, iters, True)
+    return op(g, s, saved, iters)
+
+
+def emu_sqrtm(emu, s, iters):
+    b, c, _ = s.shape
+    out = nan_filled((b, c, c), s.dtype)
+    saved = nan_filled((b, 3 * (iters - 1) + 1, c, c), s.dtype)
+    call(emu, "sqrtm_forward", s.dtype, s, out, saved, b, c, iters)
+    return out, saved
+
+
+def emu_sqrtm_backward(emu, g, s, saved, iters):
+    b, c, _ = s.shape
+    ds = nan_filled((b, c, c), s.dtype)
+    call(emu, "sqrtm_backward", s.dtype, g, s, saved, ds, b, c, iters)
+    return ds
+
+
+def symmetric(s):
+    return (0.5 * (s + s.transpose(1, 2))).contiguous()
+
+
+# iters <= 8 mirror every product ("short"); iters > 8 compute T and Z in full ("long").
 SQRTM_CASES = [(c, n, torch.float64) for c, n in [(1, 1), (1, 3), (3, 1), (3, 2), (3, 8),
                                                    (17, 3), (17, 4), (17, 5), (65, 2), (65, 5),
-                                                   (130, 3)]]
-SQRTM_CASES += [(17, 5, torch.float32), (65, 3, torch.float32)]
+                                                   (130, 3), (3, 9), (17, 12), (65, 9),
+                                                   (17, 20)]]
+SQRTM_CASES += [(17, 5, torch.float32), (65, 3, torch.float32), (65, 10, torch.float32)]
 
 
 @pytest.mark.parametrize("c,iters,dtype", SQRTM_CASES)
 def test_sqrtm(emu, c, iters, dtype):
     b = 3
-    s = spd_batch(b, c, dtype, zero_sample=1, seed=c + iters)
-    slots = 3 * (iters - 1) + 1
-    out, saved = nan_filled((b, c, c), dtype), nan_filled((b, slots, c, c), dtype)
-    call(emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters)
+    s = symmetric(spd_batch(b, c, dtype, zero_sample=1, seed=c + iters))
+    out, saved = emu_sqrtm(emu, s, iters)
     ref_out, ref_saved = torch.ops.mpncov.sqrtm(s, iters)
     close(out, ref_out, dtype)
     close(saved, ref_saved, dtype)
+    close(out, ref_sqrtm(s, iters), dtype)
     assert torch.equal(out[1], torch.zeros_like(out[1])), "a zero matrix must give zero"
 
     g = torch.randn(b, c, c, generator=torch.Generator().manual_seed(7), dtype=dtype)
-    for symmetric in (False, True):
-        ds = nan_filled((b, c, c), dtype)
-        call(emu, "sqrtm_backward", dtype, g, s, saved, ds, b, c, iters, int(symmetric))
-        close(ds, torch.ops.mpncov.sqrtm_backward(g, s, ref_saved, iters, symmetric), dtype)
-        assert torch.equal(ds[1], torch.zeros_like(ds[1])), "zero trace must give zero grad"
-        if symmetric:
-            assert torch.equal(ds, ds.transpose(1, 2)), "symmetric_grad result must be symmetric"
+    ds = emu_sqrtm_backward(emu, g, s, saved, iters)
+    close(ds, cpu_sqrtm_backward(g, s, ref_saved, iters), dtype)
+    close(ds, ref_sqrtm_grad(s, g, iters), dtype)
+    assert torch.equal(ds[1], torch.zeros_like(ds[1])), "zero trace must give zero grad"
+    assert torch.equal(ds, ds.transpose(1, 2)), "the gradient must be exactly symmetric"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("iters", [3, 10])
+def test_sqrtm_reads_the_symmetric_part(emu, iters, dtype):
+    b, c = 2, 70
+    g = torch.Generator().manual_seed(iters)
+    skew = torch.randn(b, c, c, generator=g, dtype=torch.float64)
+    s = (spd_batch(b, c, torch.float64, seed=3) + 0.3 * (skew - skew.transpose(1, 2))).to(dtype)
+    s_sym = symmetric(s)  # rounds as the kernel's 0.5 (s_ij + s_ji)
+    assert not torch.equal(s, s.transpose(1, 2))
+    out, saved = emu_sqrtm(emu, s, iters)
+    out_sym, saved_sym = emu_sqrtm(emu, s_sym, iters)
+    assert torch.equal(out, out_sym) and torch.equal(saved, saved_sym)
+    grad = torch.randn(b, c, c, generator=g, dtype=dtype)  # not symmetric either
+    ds = emu_sqrtm_backward(emu, grad, s, saved, iters)
+    assert torch.equal(ds, emu_sqrtm_backward(emu, grad, s_sym, saved_sym, iters))
+    # The exact gradient of sqrtm(sym(S)) with respect to every entry of the non-symmetric S.
+    close(ds, ref_sqrtm_grad(s, grad, iters), dtype)
+
+
+def plain_sqrtm(s, iters):
+    """The recurrence with plain torch ops in s's dtype, every product full (sym(S) input)."""
+    eye = torch.eye(s.shape[-1], dtype=s.dtype).expand_as(s)
+    t = s.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+    a = 0.5 * (s + s.transpose(1, 2)) / t
+    t0 = 0.5 * (3 * eye - a)
+    y, z = a @ t0, t0
+    for _ in range(iters - 2):
+        tk = 0.5 * (3 * eye - z @ y)
+        y, z = y @ tk, tk @ z
+    return t.sqrt() * (y @ (0.5 * (3 * eye - z @ y)))
+
+
+@pytest.mark.parametrize("iters", [16, 20])
+def test_sqrtm_long_mode_rank_deficient_float32(emu, iters):
+    # A covariance of 24 positions in 64 channels: rank 23, a 41-dim null space where
+    # mirrored T and Z products let rounding errors grow like 1.5^k. Long mode must stay as
+    # close to the float64 recurrence as the plain float32 recurrence (and plain autograd
+    # through it) does; with every product mirrored the error at iters = 16 is ~700x that
+    # (measured: 3.6e-2 against 4.7e-5), and inf at 20.
+    c, m = 64, 24
+    x = torch.randn(2, c, m, generator=torch.Generator().manual_seed(iters),
+                    dtype=torch.float64)
+    xc = x - x.mean(-1, keepdim=True)
+    s = symmetric(xc @ xc.transpose(1, 2) / m).float()
+    g = torch.randn(2, c, c, generator=torch.Generator().manual_seed(1))
+
+    def err(a, ref):
+        return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+    out, saved = emu_sqrtm(emu, s, iters)
+    ref = ref_sqrtm(s, iters)
+    assert err(out, ref) <= 4 * err(plain_sqrtm(s, iters), ref) + 1e-6
+    ds = emu_sqrtm_backward(emu, g, s, saved, iters)
+    ref_ds = ref_sqrtm_grad(s, g, iters)
+    s_leaf = s.clone().requires_grad_()
+    (plain_ds,) = torch.autograd.grad(plain_sqrtm(s_leaf, iters), s_leaf, g)
+    assert err(ds, ref_ds) <= 4 * err(plain_ds, ref_ds) + 1e-6
+
+
+@pytest.mark.parametrize("iters", [5, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sqrtm_trace_rules(emu, dtype, iters):
+    # Samples: SPD, zero (t = 0), negative definite (t < 0), SPD scaled into denormals.
+    c = 9
+    base = symmetric(spd_batch(1, c, torch.float64, seed=5))[0]
+    tiny_exp = -130 if dtype == torch.float32 else -1030  # t below the smallest normal
+    s = torch.stack([base, torch.zeros_like(base), -base, base * 2.0 ** tiny_exp]).to(dtype)
+    g = torch.randn(4, c, c, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    out, saved = emu_sqrtm(emu, s, iters)
+    ds = emu_sqrtm_backward(emu, g, s, saved, iters)
+    # One bad sample does not touch the others: sample 0 alone gives the same bits.
+    out0, saved0 = emu_sqrtm(emu, s[:1].contiguous(), iters)
+    assert torch.equal(out[:1], out0)
+    assert torch.equal(ds[:1], emu_sqrtm_backward(emu, g[:1].contiguous(), s[:1].contiguous(),
+                                                  saved0, iters))
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(
+        ds[1], torch.zeros_like(ds[1])), "t = 0: zero output and zero gradient"
+    assert torch.isnan(out[2]).all() and torch.isnan(ds[2]).all(), (
+        "t < 0: NaN output and NaN gradient (sqrt of a negative trace)")
+    assert torch.isfinite(out[3]).all() and torch.isfinite(ds[3]).all(), (
+        "tiny t: finite output and gradient")
+    # sqrtm(c S) = sqrt(c) sqrtm(S), so its gradient at c S is the one at S over sqrt(c).
+    # Denormal inputs keep fewer significant bits: a loose check.
+    ref_out = ref_sqrtm(s[:1].double(), iters)[0] * 2.0 ** (tiny_exp / 2)
+    ref_ds = ref_sqrtm_grad(s[:1].double(), g[3:], iters)[0] * 2.0 ** (-tiny_exp / 2)
+    assert ((out[3].double() - ref_out).abs().max() / ref_out.abs().max()).item() < 1e-3
+    assert ((ds[3].double() - ref_ds).abs().max() / ref_ds.abs().max()).item() < 1e-3
+
+
+@pytest.mark.parametrize("iters", [0, -1, 101])
+def test_sqrtm_refuses_iters_out_of_range(emu, iters):
+    s = torch.eye(3, dtype=torch.float64)[None].contiguous()
+    out, saved = nan_filled((1, 3, 3), s.dtype), nan_filled((1, 1, 3, 3), s.dtype)
+    assert emu.emu_sqrtm_forward_f64(s.data_ptr(), out.data_ptr(), saved.data_ptr(), 1, 3,
+                                     iters) != 0
+    assert emu.emu_sqrtm_backward_f64(s.data_ptr(), s.data_ptr(), saved.data_ptr(),
+                                      out.data_ptr(), 1, 3, iters) != 0
+
+
+def test_sqrtm_accepts_100_iters(emu):
+    s = symmetric(spd_batch(1, 3, torch.float64, seed=1))
+    out, saved = emu_sqrtm(emu, s, 100)
+    close(out, ref_sqrtm(s, 100), torch.float64)
 
 
 @pytest.mark.parametrize("c", [1, 5, 70])

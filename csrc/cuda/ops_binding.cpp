@@ -58,7 +58,8 @@ void check_square_batch(const Tensor& t, const char* op, const char* name) {
 }
 
 void check_iters(int64_t iters, const char* op) {
-  TORCH_CHECK(iters >= 1, "mpncov.", op, ": expected iters >= 1, got ", iters);
+  TORCH_CHECK_VALUE(mpncov::cuda::sqrtm_iters_valid(iters), "mpncov.", op,
+                    ": iters must be between 1 and ", mpncov::cuda::kMaxIters, ", got ", iters);
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -155,9 +156,9 @@ std::tuple<Tensor, Tensor> sqrtm_cuda(const Tensor& s, int64_t iters) {
   return {out.to(s.scalar_type()), saved};
 }
 
-// dS in s's dtype.
+// dS in s's dtype: the gradient of sqrtm(sym(S)) for any grad.
 Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& saved,
-                           int64_t iters, bool symmetric_grad) {
+                           int64_t iters) {
   check_tensor(grad, "sqrtm_backward", "grad");
   check_tensor(s, "sqrtm_backward", "s");
   check_tensor(saved, "sqrtm_backward", "saved");
@@ -187,10 +188,17 @@ Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& sa
     check_launch(mpncov::cuda::sqrtm_backward<scalar_t>(
                      gc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                      savedc.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(),
-                     work.data_ptr<scalar_t>(), b, n, iters, symmetric_grad, current_stream()),
+                     work.data_ptr<scalar_t>(), b, n, iters, current_stream()),
                  "sqrtm_backward");
   });
   return ds.to(s.scalar_type());
+}
+
+// TEMPORARY, until the schema change of csrc/ops.cpp (`symmetric_grad` removed) lands:
+// the flag is ignored, the backward always differentiates sqrtm(sym(S)).
+Tensor sqrtm_backward_cuda_flag(const Tensor& grad, const Tensor& s, const Tensor& saved,
+                                int64_t iters, bool /*symmetric_grad*/) {
+  return sqrtm_backward_cuda(grad, s, saved, iters);
 }
 
 // ---- triuvec ------------------------------------------------------------------------------
@@ -244,7 +252,7 @@ TORCH_LIBRARY_IMPL(mpncov, CUDA, m) {
   m.impl("covpool", &covpool_cuda);
   m.impl("covpool_backward", &covpool_backward_cuda);
   m.impl("sqrtm", &sqrtm_cuda);
-  m.impl("sqrtm_backward", &sqrtm_backward_cuda);
+  m.impl("sqrtm_backward", &sqrtm_backward_cuda_flag);
   m.impl("triuvec", &triuvec_cuda);
   m.impl("triuvec_backward", &triuvec_backward_cuda);
 }

@@ -4,8 +4,8 @@
 //   out = a1 P1 Q1 + a2 P2 Q2 + beta R + gamma I
 // (the second product and R optional). With `upper`, only tiles on or above the diagonal
 // are computed and each value is also written to its mirror position: used where the
-// result is symmetric (all forward iterates; the backward gradients under
-// symmetric_grad), which halves the work and makes the stored result exactly symmetric.
+// result is symmetric (see sqrtm_kernel.cuh for which ones), which halves the work and
+// makes the stored result exactly symmetric.
 // a1, a2 are 1 or -0.5 here and are applied to P when it is staged (exact: powers of 2).
 //
 // Per-sample traces and <P, Q> are deterministic block reductions, one block per sample.
@@ -124,7 +124,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// A = S / t and T0 = 0.5 (3I - A) (written with batch stride t0_bstride).
+// Element (i, j) of the symmetric part of a row-major n x n matrix: 0.5 (m_ij + m_ji),
+// exactly symmetric (addition commutes). Where m_ij == m_ji it is m_ij itself, also when
+// m_ij + m_ji would overflow.
+template <typename T>
+__device__ __forceinline__ T sym_part(const T* m, int64_t i, int64_t j, int n) {
+  const T u = m[i * n + j];
+  const T l = m[j * n + i];
+  return u == l ? u : T(0.5) * (u + l);
+}
+
+// A = Ssym / t and T0 = 0.5 (3I - A) (written with batch stride t0_bstride).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_prep_kernel(const T* __restrict__ s, const T* __restrict__ t, T* __restrict__ a,
@@ -132,12 +142,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t nn = static_cast<int64_t>(n) * n;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / nn;
-    const int64_t rem = idx - b * nn;
-    const bool diag = rem / n == rem % n;
-    const T v = s[idx] / safe_trace(t[b]);
+    const auto [b, i, j] = matrix_index(idx, n);
+    const T v = sym_part(s + b * nn, i, j, n) / safe_trace(t[b]);
     a[idx] = v;
-    t0[b * t0_bstride + rem] = T(0.5) * ((diag ? T(3) : T(0)) - v);
+    t0[b * t0_bstride + i * n + j] = T(0.5) * ((i == j ? T(3) : T(0)) - v);
   }
 }
 
@@ -155,47 +163,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// A = S / t and GY = sqrt(t) G, with G replaced by (G + G^T)/2 when symmetric.
+// A = Ssym / t and GY = sqrt(t) (G + G^T) / 2. t < 0 makes GY (and so dS) NaN.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     backward_prep_kernel(const T* __restrict__ g, const T* __restrict__ s,
                          const T* __restrict__ t, T* __restrict__ a, T* __restrict__ gy, int n,
-                         int64_t total, bool symmetric) {
+                         int64_t total) {
   const int64_t nn = static_cast<int64_t>(n) * n;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / nn;
-    const int64_t rem = idx - b * nn;
+    const auto [b, i, j] = matrix_index(idx, n);
     const T tt = safe_trace(t[b]);
-    a[idx] = s[idx] / tt;
-    T gv = g[idx];
-    if (symmetric) {
-      const int64_t i = rem / n;
-      const int64_t j = rem - i * n;
-      gv = T(0.5) * (gv + g[b * nn + j * n + i]);
-    }
-    gy[idx] = dev_sqrt(tt) * gv;
+    a[idx] = sym_part(s + b * nn, i, j, n) / tt;
+    gy[idx] = dev_sqrt(tt) * sym_part(g + b * nn, i, j, n);
   }
 }
 
-// dS = dA / t + (gdot / (2 sqrt t) - adot / t) I; dS = 0 where t = 0.
+// dS = dA / t + (gdot / (2 sqrt t) - adot / t) I; dS = 0 where t = 0 (t < 0 is not
+// caught: its dA is NaN already). Every term divides by t, so a denormal t stays finite.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     backward_final_kernel(const T* __restrict__ da, const T* __restrict__ t,
                           const T* __restrict__ gdot, const T* __restrict__ adot,
                           T* __restrict__ ds, int n, int64_t total) {
-  const int64_t nn = static_cast<int64_t>(n) * n;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t b = idx / nn;
-    const int64_t rem = idx - b * nn;
+    const auto [b, i, j] = matrix_index(idx, n);
     const T tb = t[b];
     if (tb == T(0)) {
       ds[idx] = T(0);
       continue;
     }
     T v = da[idx] / tb;
-    if (rem / n == rem % n) v += gdot[b] / (T(2) * dev_sqrt(tb)) - adot[b] / tb;
+    if (i == j) v += gdot[b] / (T(2) * dev_sqrt(tb)) - adot[b] / tb;
     ds[idx] = v;
   }
 }
@@ -253,8 +253,9 @@ template <typename T>
 cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, int64_t n,
                           int64_t iters, cudaStream_t stream) {
   if (batch == 0 || n == 0) return cudaSuccess;
-  if (batch < 0 || !fits_int(n) || iters < 1 || iters > (1 << 20)) return cudaErrorInvalidValue;
+  if (batch < 0 || !fits_int(n) || !sqrtm_iters_valid(iters)) return cudaErrorInvalidValue;
   const int N = static_cast<int>(iters);
+  const bool mirror_tz = sqrtm_mirrors_tz(iters);
   const int64_t nn = n * n;
   const int64_t sb = sqrtm_saved_slots(iters) * nn;  // batch stride of saved
   const int64_t total = batch * nn;
@@ -281,13 +282,13 @@ cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, 
   MPNCOV_TRY(run.product(Mat<T>{a, nn}, Mat<T>{t0, t0_bstride}, T(1), T(0), saved, sb, true));
   for (int k = 1; k <= N - 2; ++k) {
     // T_k = 0.5 (3I - Z_k Y_k); Y_{k+1} = Y_k T_k; Z_{k+1} = T_k Z_k.
-    MPNCOV_TRY(run.product(S(Z(k)), S(Y(k)), T(-0.5), T(1.5), Tm(k), sb, true));
+    MPNCOV_TRY(run.product(S(Z(k)), S(Y(k)), T(-0.5), T(1.5), Tm(k), sb, mirror_tz));
     MPNCOV_TRY(run.product(S(Y(k)), S(Tm(k)), T(1), T(0), Y(k + 1), sb, true));
-    MPNCOV_TRY(run.product(S(Tm(k)), S(Z(k)), T(1), T(0), Z(k + 1), sb, true));
+    MPNCOV_TRY(run.product(S(Tm(k)), S(Z(k)), T(1), T(0), Z(k + 1), sb, mirror_tz));
   }
   if (N >= 2) {
     // T_{N-1} = 0.5 (3I - Z_{N-1} Y_{N-1}); Y = Y_{N-1} T_{N-1}.
-    MPNCOV_TRY(run.product(S(Z(N - 1)), S(Y(N - 1)), T(-0.5), T(1.5), Tm(N - 1), sb, true));
+    MPNCOV_TRY(run.product(S(Z(N - 1)), S(Y(N - 1)), T(-0.5), T(1.5), Tm(N - 1), sb, mirror_tz));
     MPNCOV_TRY(run.product(S(Y(N - 1)), S(Tm(N - 1)), T(1), T(0), y_final, sb, true));
   }
   scale_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(
@@ -295,31 +296,22 @@ cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, 
   return cudaGetLastError();
 }
 
-// Two ways to get dA from GY = sqrt(t) G:
-//
-// symmetric_grad (the pipeline; G replaced by its symmetric part): forward-mode
-// differentiation along E = GY. Y_N is a polynomial in A, and at symmetric A the Frechet
-// derivative of a polynomial is self-adjoint, so dA = L(A, E). Along a symmetric E every
-// derivative is symmetric, so every product computes only its upper triangle:
+// dA from GY = sqrt(t) sym(G) by forward-mode differentiation along E = GY. Y_N is a
+// polynomial in A, and at symmetric A the Frechet derivative L(A, .) of a polynomial is
+// self-adjoint and commutes with transposition, so dA = L(A, sym(G) sqrt t) is the exact
+// gradient of f(sym(S)) for any G. Along a symmetric E every derivative is symmetric:
 //   dY1 = 1.5 E - 0.5 (E A + A E),  dZ1 = -0.5 E      (N = 1: dA = dY1)
 //   k = 1..N-1: dT = -0.5 (dZk Yk + Zk dYk);  dY(k+1) = dYk Tk + Yk dT;
 //               dZ(k+1) = dT Zk + Tk dZk (k < N-1);   dA = dY_N
-// Per step 6 half-size products (3 full-size equivalents), against the reverse chain
-// rule's 2 full and 4 half-size (4 equivalents: dT is not symmetric).
-//
-// otherwise: the reverse chain rule of the recurrence. All iterates are symmetric, so for
-// Y = P Q the gradients are dP = dY Q and dQ = P dY without transposes.
-//   N = 1:  dA = 0.5 (GY (3I - A) - A GY) = 1.5 GY - 0.5 GY A - 0.5 A GY
-//   last:   dT = Y(N-1) GY;  dY = GY T(N-1) - 0.5 Z(N-1) dT;  dZ = -0.5 dT Y(N-1)
-//   k = N-2..1: dT = Yk dY + dZ Zk;  dY' = dY Tk - 0.5 Zk dT;  dZ' = Tk dZ - 0.5 dT Yk
-//   first:  dA = dY T0 - 0.5 A dY - 0.5 dZ,  T0 = Z_1
+// dY products are mirrored; dT and dZ are mirrored in short mode and full in long mode
+// (see sqrtm_kernel.cuh).
 template <typename T>
 cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s, T* work,
-                           int64_t batch, int64_t n, int64_t iters, bool symmetric_grad,
-                           cudaStream_t stream) {
+                           int64_t batch, int64_t n, int64_t iters, cudaStream_t stream) {
   if (batch == 0 || n == 0) return cudaSuccess;
-  if (batch < 0 || !fits_int(n) || iters < 1 || iters > (1 << 20)) return cudaErrorInvalidValue;
+  if (batch < 0 || !fits_int(n) || !sqrtm_iters_valid(iters)) return cudaErrorInvalidValue;
   const int N = static_cast<int>(iters);
+  const bool mirror_tz = sqrtm_mirrors_tz(iters);
   const int64_t nn = n * n;
   const int64_t sb = sqrtm_saved_slots(iters) * nn;
   const int64_t total = batch * nn;
@@ -340,70 +332,43 @@ cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s,
   T* a = m0;
   T* gy = m0 + total;
   T* dt = m0 + 2 * total;
-  // Up to four more matrices (sqrtm_backward_matrices): the gradients dY, dZ and their
-  // ping-pong copies; only the ones the recurrence of this N uses exist.
+  // The gradients dY, dZ and their ping-pong copies (sqrtm_backward_matrices): only the
+  // ones the recurrence of this N uses exist.
   auto slot = [&](int i) -> T* {
     return 3 + i < sqrtm_backward_matrices(iters) ? m0 + (3 + i) * total : nullptr;
   };
-  T* da = dt;
 
   MPNCOV_TRY(run.trace(s, t));
   backward_prep_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(
-      grad, s, t, a, gy, static_cast<int>(n), total, symmetric_grad);
+      grad, s, t, a, gy, static_cast<int>(n), total);
   MPNCOV_TRY(cudaGetLastError());
   MPNCOV_TRY(run.dot(W(grad), y_final, gdot));
 
-  if (N == 1) {
-    MPNCOV_TRY(run.product(W(gy), W(a), T(-0.5), W(a), W(gy), T(-0.5), W(gy), T(1.5), T(0), dt,
-                           nn, symmetric_grad));
-  } else if (symmetric_grad) {
-    T* dy[2] = {slot(0), slot(1)};
-    T* dz[2] = {slot(2), slot(3)};
-    MPNCOV_TRY(run.product(W(gy), W(a), T(-0.5), W(a), W(gy), T(-0.5), W(gy), T(1.5), T(0),
-                           dy[0], nn, true));
-    int cy = 0, cz = 0;
-    for (int k = 1; k <= N - 1; ++k) {
-      // dT = -0.5 (dZk Yk + Zk dYk); at k = 1, dZ1 = -0.5 E is folded into the coefficient.
-      const Mat<T> dzk = k == 1 ? W(gy) : W(dz[cz]);
-      const T c_dz = k == 1 ? T(0.25) : T(-0.5);
-      MPNCOV_TRY(run.product(dzk, Y(k), c_dz, Z(k), W(dy[cy]), T(-0.5), none, T(0), T(0), dt, nn,
-                             true));
-      // dY(k+1) = dYk Tk + Yk dT
-      MPNCOV_TRY(run.product(W(dy[cy]), Tm(k), T(1), Y(k), W(dt), T(1), none, T(0), T(0),
-                             dy[1 - cy], nn, true));
-      cy = 1 - cy;
-      if (k < N - 1) {
-        // dZ(k+1) = dT Zk + Tk dZk
-        T* dz_next = k == 1 ? dz[0] : dz[1 - cz];
-        MPNCOV_TRY(run.product(W(dt), Z(k), T(1), Tm(k), dzk, k == 1 ? T(-0.5) : T(1), none,
-                               T(0), T(0), dz_next, nn, true));
-        cz = k == 1 ? 0 : 1 - cz;
-      }
+  T* dy[2] = {N == 1 ? dt : slot(0), slot(1)};
+  T* dz[2] = {slot(2), slot(3)};
+  // dY1 = 1.5 E - 0.5 (E A + A E)
+  MPNCOV_TRY(run.product(W(gy), W(a), T(-0.5), W(a), W(gy), T(-0.5), W(gy), T(1.5), T(0), dy[0],
+                         nn, true));
+  int cy = 0, cz = 0;
+  for (int k = 1; k <= N - 1; ++k) {
+    // dT = -0.5 (dZk Yk + Zk dYk); at k = 1, dZ1 = -0.5 E is folded into the coefficient.
+    const Mat<T> dzk = k == 1 ? W(gy) : W(dz[cz]);
+    const T c_dz = k == 1 ? T(0.25) : T(-0.5);
+    MPNCOV_TRY(run.product(dzk, Y(k), c_dz, Z(k), W(dy[cy]), T(-0.5), none, T(0), T(0), dt, nn,
+                           mirror_tz));
+    // dY(k+1) = dYk Tk + Yk dT
+    MPNCOV_TRY(run.product(W(dy[cy]), Tm(k), T(1), Y(k), W(dt), T(1), none, T(0), T(0),
+                           dy[1 - cy], nn, true));
+    cy = 1 - cy;
+    if (k < N - 1) {
+      // dZ(k+1) = dT Zk + Tk dZk
+      T* dz_next = k == 1 ? dz[0] : dz[1 - cz];
+      MPNCOV_TRY(run.product(W(dt), Z(k), T(1), Tm(k), dzk, k == 1 ? T(-0.5) : T(1), none,
+                             T(0), T(0), dz_next, nn, mirror_tz));
+      cz = k == 1 ? 0 : 1 - cz;
     }
-    da = dy[cy];
-  } else {
-    T* dy[2] = {slot(0), slot(2)};
-    T* dz[2] = {slot(1), slot(3)};
-    // Last step.
-    MPNCOV_TRY(run.product(Y(N - 1), W(gy), T(1), T(0), dt, nn, false));
-    MPNCOV_TRY(run.product(W(gy), Tm(N - 1), T(1), Z(N - 1), W(dt), T(-0.5), none, T(0), T(0),
-                           dy[0], nn, false));
-    MPNCOV_TRY(run.product(W(dt), Y(N - 1), T(-0.5), T(0), dz[0], nn, false));
-    int cur = 0;
-    for (int k = N - 2; k >= 1; --k) {
-      const int nxt = 1 - cur;
-      MPNCOV_TRY(run.product(Y(k), W(dy[cur]), T(1), W(dz[cur]), Z(k), T(1), none, T(0), T(0),
-                             dt, nn, false));
-      MPNCOV_TRY(run.product(W(dy[cur]), Tm(k), T(1), Z(k), W(dt), T(-0.5), none, T(0), T(0),
-                             dy[nxt], nn, false));
-      MPNCOV_TRY(run.product(Tm(k), W(dz[cur]), T(1), W(dt), Y(k), T(-0.5), none, T(0), T(0),
-                             dz[nxt], nn, false));
-      cur = nxt;
-    }
-    // First step: dA = dY Z_1 - 0.5 A dY - 0.5 dZ (into dt: not an input here).
-    MPNCOV_TRY(run.product(W(dy[cur]), Z(1), T(1), W(a), W(dy[cur]), T(-0.5), W(dz[cur]),
-                           T(-0.5), T(0), dt, nn, false));
   }
+  const T* da = dy[cy];
   MPNCOV_TRY(run.dot(W(da), W(a), adot));
   backward_final_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(
       da, t, gdot, adot, grad_s, static_cast<int>(n), total);
@@ -415,11 +380,9 @@ template cudaError_t sqrtm_forward<float>(const float*, float*, float*, float*, 
 template cudaError_t sqrtm_forward<double>(const double*, double*, double*, double*, int64_t,
                                            int64_t, int64_t, cudaStream_t);
 template cudaError_t sqrtm_backward<float>(const float*, const float*, const float*, float*,
-                                           float*, int64_t, int64_t, int64_t, bool,
-                                           cudaStream_t);
+                                           float*, int64_t, int64_t, int64_t, cudaStream_t);
 template cudaError_t sqrtm_backward<double>(const double*, const double*, const double*, double*,
-                                            double*, int64_t, int64_t, int64_t, bool,
-                                            cudaStream_t);
+                                            double*, int64_t, int64_t, int64_t, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace mpncov

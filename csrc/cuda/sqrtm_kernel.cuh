@@ -1,15 +1,25 @@
 // sqrtm (iSQRT, coupled Newton-Schulz) on CUDA (SPEC section 2). Torch-free launchers.
 //
-// Forward, per sample with t = tr(S) (t = 0 replaced by 1), A = S / t:
+// The op is iSQRT of the symmetric part Ssym = (S + S^T) / 2 of its input (for an exactly
+// symmetric S that is S itself, bit for bit). Per sample, t = tr(S) (t = 0 replaced by 1),
+// A = Ssym / t:
 //   N = 1:  Y = A T0,  T0 = 0.5 (3I - A)
 //   N >= 2: Y1 = A T0, Z1 = T0; Tk = 0.5 (3I - Zk Yk), Y(k+1) = Yk Tk, Z(k+1) = Tk Zk;
 //           Y = Y(N-1) T(N-1)
 //   out = sqrt(t) Y
 // saved (batch, 3(N-1)+1, n, n) = [Y_1..Y_{N-1}, Z_1..Z_{N-1}, T_1..T_{N-1}, Y].
-// Backward: dA from GY = sqrt(t) G by forward-mode differentiation of the recurrence
-// when symmetric_grad (the pipeline), else by its reverse chain rule (see
+// Backward, the exact gradient of that function for any G: dA = L(A, GY), the Frechet
+// derivative of the recurrence along GY = sqrt(t) (G + G^T) / 2 (forward-mode, see
 // sqrtm_kernel.cu), then
-//   dS = dA / t + (<G, Y> / (2 sqrt t) - <dA, A> / t) I, and dS = 0 where t = 0.
+//   dS = dA / t + (<G, Y> / (2 sqrt t) - <dA, A> / t) I.
+// t = 0 gives out = 0 and dS = 0; t < 0 gives NaN in out and dS (sqrt(t)) for that sample
+// only; tiny t (denormals) stays finite: everything divides by t, never multiplies by 1/t.
+//
+// Which products are mirrored (only the upper triangle computed, then copied): for
+// iters <= kMaxMirroredIters ("short") all of them. For longer runs ("long") the products
+// giving Tk and Z(k+1) (and in the backward dTk, dZ(k+1)) are computed in full: mirroring
+// them makes the coupled iteration unstable on rank-deficient inputs (their rounding errors
+// grow like 1.5^k in the null space of A); Y-type products stay mirrored.
 //
 // All matrices are contiguous row-major; `work` is caller-allocated scratch of
 // sqrtm_*_workspace(...) elements of T. Everything runs on `stream`.
@@ -21,6 +31,15 @@
 
 namespace mpncov {
 namespace cuda {
+
+// Valid range of iters (the binding rejects others with a message; the launchers return
+// cudaErrorInvalidValue).
+constexpr int64_t kMaxIters = 100;
+// Up to this many iterations every product is mirrored; above it the T / Z products are full.
+constexpr int64_t kMaxMirroredIters = 8;
+
+inline bool sqrtm_iters_valid(int64_t iters) { return iters >= 1 && iters <= kMaxIters; }
+inline bool sqrtm_mirrors_tz(int64_t iters) { return iters <= kMaxMirroredIters; }
 
 // Number of n x n matrices per sample in `saved`.
 inline int64_t sqrtm_saved_slots(int64_t iters) { return 3 * (iters - 1) + 1; }
@@ -36,8 +55,8 @@ inline int64_t sqrtm_forward_workspace(int64_t batch, int64_t n, int64_t iters) 
   return sqrtm_scalar_block(batch, 1) + (iters == 1 ? 2 : 1) * batch * n * n;
 }
 
-// Number of n x n scratch matrices of sqrtm_backward: A, GY, dT (also dA), then up to
-// four for dY, dZ and their ping-pong copies (iters = 2 needs two, iters >= 3 four).
+// Number of n x n scratch matrices of sqrtm_backward: A, GY, dT (also dA when iters = 1),
+// then dY, dZ and their ping-pong copies (iters = 2 needs two of them, iters >= 3 four).
 inline int64_t sqrtm_backward_matrices(int64_t iters) {
   return iters == 1 ? 3 : (iters == 2 ? 5 : 7);
 }
@@ -52,13 +71,11 @@ template <typename T>
 cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, int64_t n,
                           int64_t iters, cudaStream_t stream);
 
-// grad, s (batch, n, n), saved from sqrtm_forward -> grad_s (batch, n, n).
-// symmetric_grad: use (G + G^T) / 2 in place of G and compute only half of the products
-// whose results are then symmetric.
+// grad, s (batch, n, n), saved from sqrtm_forward -> grad_s (batch, n, n), exactly
+// symmetric.
 template <typename T>
 cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s, T* work,
-                           int64_t batch, int64_t n, int64_t iters, bool symmetric_grad,
-                           cudaStream_t stream);
+                           int64_t batch, int64_t n, int64_t iters, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mpncov

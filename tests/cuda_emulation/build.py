@@ -58,7 +58,7 @@ def load(out_dir: str | os.PathLike) -> ctypes.CDLL:
         "covpool_forward": [ptr, ptr, i64, i64, i64],
         "covpool_backward": [ptr, ptr, ptr, i64, i64, i64],
         "sqrtm_forward": [ptr, ptr, ptr, i64, i64, i64],
-        "sqrtm_backward": [ptr, ptr, ptr, ptr, i64, i64, i64, cint],
+        "sqrtm_backward": [ptr, ptr, ptr, ptr, i64, i64, i64],
         "triuvec_forward": [ptr, ptr, i64, i64],
         "triuvec_backward": [ptr, ptr, i64, i64],
     }
