@@ -58,16 +58,33 @@ def close(a, b, dtype):
     assert err <= tol, f"max relative error {err:.3g} > {tol}"
 
 
-@pytest.mark.parametrize("c,m", [(1, 1), (3, 7), (17, 50), (33, 150), (65, 30), (130, 5)])
-def test_covpool(emu, c, m):
+def misaligned(t):
+    """A copy of t whose data starts one element past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = flat[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+# Sizes that are multiples of 4 and 16 run the vector staging of interior slabs and tiles
+# (C = 128, M = 196: the last slab of K = 196 is partial); the others the checked path.
+@pytest.mark.parametrize("c,m,offset", [(1, 1, False), (3, 7, False), (17, 50, False),
+                                        (33, 150, False), (65, 30, False), (130, 5, False),
+                                        (128, 196, False), (132, 64, False), (64, 32, True)])
+def test_covpool(emu, c, m, offset):
     dtype = torch.float64
     g = torch.Generator().manual_seed(c * 1000 + m)
     x = (torch.randn(2, c, m, generator=g, dtype=dtype) + 3.0).contiguous()
+    if offset:
+        x = misaligned(x)
     out = nan_filled((2, c, c), dtype)
     call(emu, "covpool_forward", dtype, x, out, 2, c, m)
     close(out, torch.ops.mpncov.covpool(x), dtype)
     assert torch.equal(out, out.transpose(1, 2)), "covpool output must be exactly symmetric"
     grad = torch.randn(2, c, c, generator=g, dtype=dtype)
+    if offset:
+        grad = misaligned(grad)
     dx = nan_filled((2, c, m), dtype)
     call(emu, "covpool_backward", dtype, grad, x, dx, 2, c, m)
     close(dx, torch.ops.mpncov.covpool_backward(grad, x), dtype)
@@ -133,8 +150,9 @@ def symmetric(s):
 SQRTM_CASES = [(c, n, torch.float64) for c, n in [(1, 1), (1, 3), (3, 1), (3, 2), (3, 8),
                                                    (17, 3), (17, 4), (17, 5), (65, 2), (65, 5),
                                                    (130, 3), (3, 9), (17, 12), (65, 9),
-                                                   (17, 20)]]
-SQRTM_CASES += [(17, 5, torch.float32), (65, 3, torch.float32), (65, 10, torch.float32)]
+                                                   (17, 20), (128, 2), (132, 3)]]
+SQRTM_CASES += [(17, 5, torch.float32), (65, 3, torch.float32), (65, 10, torch.float32),
+                (128, 9, torch.float32)]
 
 
 @pytest.mark.parametrize("c,iters,dtype", SQRTM_CASES)
@@ -243,6 +261,25 @@ def test_sqrtm_trace_rules(emu, dtype, iters):
     ref_ds = ref_sqrtm_grad(s[:1].double(), g[3:], iters)[0] * 2.0 ** (-tiny_exp / 2)
     assert ((out[3].double() - ref_out).abs().max() / ref_out.abs().max()).item() < 1e-3
     assert ((ds[3].double() - ref_ds).abs().max() / ref_ds.abs().max()).item() < 1e-3
+
+
+def test_sqrtm_misaligned_buffers(emu):
+    # Every buffer one element past a 16-byte boundary: the kernels must take their scalar
+    # paths (the emulation aborts on a misaligned vector access, as a GPU faults) and give
+    # the same bits as with aligned buffers.
+    b, c, iters = 2, 64, 3
+    dtype = torch.float32
+    s = symmetric(spd_batch(b, c, dtype, seed=4))
+    g = torch.randn(b, c, c, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    out, saved = emu_sqrtm(emu, s, iters)
+    ds = emu_sqrtm_backward(emu, g, s, saved, iters)
+    out_m = misaligned(nan_filled(out.shape, dtype))
+    saved_m = misaligned(nan_filled(saved.shape, dtype))
+    call(emu, "sqrtm_forward", dtype, misaligned(s), out_m, saved_m, b, c, iters)
+    assert torch.equal(out_m, out) and torch.equal(saved_m, saved)
+    ds_m = misaligned(nan_filled(ds.shape, dtype))
+    call(emu, "sqrtm_backward", dtype, misaligned(g), misaligned(s), saved_m, ds_m, b, c, iters)
+    assert torch.equal(ds_m, ds)
 
 
 @pytest.mark.parametrize("iters", [0, -1, 101])

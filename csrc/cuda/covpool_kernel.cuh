@@ -15,12 +15,14 @@
 namespace mpncov {
 namespace cuda {
 
-// Scratch of covpool_forward: the row means (batch * c).
-inline int64_t covpool_forward_workspace(int64_t batch, int64_t c) { return batch * c; }
+// Scratch of covpool_forward: Xc = X - row means (batch * c * m).
+inline int64_t covpool_forward_workspace(int64_t batch, int64_t c, int64_t m) {
+  return batch * c * m;
+}
 
-// Scratch of covpool_backward: the row means, then G + G^T (batch * c * c).
-inline int64_t covpool_backward_workspace(int64_t batch, int64_t c) {
-  return batch * c + batch * c * c;
+// Scratch of covpool_backward: Xc, then G + G^T (batch * c * c).
+inline int64_t covpool_backward_workspace(int64_t batch, int64_t c, int64_t m) {
+  return batch * c * m + batch * c * c;
 }
 
 // out = S (batch, c, c). Requires m >= 1.

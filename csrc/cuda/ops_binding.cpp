@@ -92,7 +92,7 @@ Tensor covpool_cuda(const Tensor& x) {
               "shape ", x.sizes());
   const Tensor xc = x.reshape({b, c, m}).to(ct).contiguous();
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_covpool_cuda", [&] {
-    Tensor work = at::empty({mpncov::cuda::covpool_forward_workspace(b, c)}, xc.options());
+    Tensor work = at::empty({mpncov::cuda::covpool_forward_workspace(b, c, m)}, xc.options());
     check_launch(mpncov::cuda::covpool_forward<scalar_t>(
                      xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                      work.data_ptr<scalar_t>(), b, c, m, current_stream()),
@@ -121,7 +121,7 @@ Tensor covpool_backward_cuda(const Tensor& grad, const Tensor& x) {
   const Tensor xc = x.reshape({b, c, m}).to(ct).contiguous();
   const Tensor gc = grad.to(ct).contiguous();
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_covpool_backward_cuda", [&] {
-    Tensor work = at::empty({mpncov::cuda::covpool_backward_workspace(b, c)}, xc.options());
+    Tensor work = at::empty({mpncov::cuda::covpool_backward_workspace(b, c, m)}, xc.options());
     check_launch(mpncov::cuda::covpool_backward<scalar_t>(
                      gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
                      work.data_ptr<scalar_t>(), b, c, m, current_stream()),

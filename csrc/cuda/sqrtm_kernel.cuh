@@ -49,21 +49,34 @@ inline int64_t sqrtm_scalar_block(int64_t batch, int64_t per_sample) {
   return (batch * per_sample + 63) / 64 * 64;
 }
 
+// Blocks per sample of the prep kernels: pairs of 32 x 32 tiles (ti <= tj).
+inline int64_t sqrtm_prep_pairs(int64_t n) {
+  const int64_t t = (n + 31) / 32;
+  return t * (t + 1) / 2;
+}
+
 // Scratch of sqrtm_forward: t, then A (and T0 when iters == 1; otherwise T0 = Z1 lives
 // in saved).
 inline int64_t sqrtm_forward_workspace(int64_t batch, int64_t n, int64_t iters) {
   return sqrtm_scalar_block(batch, 1) + (iters == 1 ? 2 : 1) * batch * n * n;
 }
 
-// Number of n x n scratch matrices of sqrtm_backward: A, GY, dT (also dA when iters = 1),
-// then dY, dZ and their ping-pong copies (iters = 2 needs two of them, iters >= 3 four).
+// Number of n x n scratch matrices of sqrtm_backward: A, GY, dT, then dY, dZ and their
+// ping-pong copies (iters = 2 needs two of them, iters >= 3 four).
 inline int64_t sqrtm_backward_matrices(int64_t iters) {
   return iters == 1 ? 3 : (iters == 2 ? 5 : 7);
 }
 
-// Scratch of sqrtm_backward: t, <G, Y>, <dA, A>, then the matrices above.
+// Per-sample scalars of sqrtm_backward: t, the partial sums of <G, Y> (one per prep
+// block) and of <dS, A> (one per upper 64-tile of the last product).
+inline int64_t sqrtm_backward_scalars(int64_t batch, int64_t n) {
+  const int64_t tiles = (n + 63) / 64;
+  return sqrtm_scalar_block(batch, 1 + sqrtm_prep_pairs(n) + tiles * (tiles + 1) / 2);
+}
+
+// Scratch of sqrtm_backward: the scalars above, then the matrices.
 inline int64_t sqrtm_backward_workspace(int64_t batch, int64_t n, int64_t iters) {
-  return sqrtm_scalar_block(batch, 3) + sqrtm_backward_matrices(iters) * batch * n * n;
+  return sqrtm_backward_scalars(batch, n) + sqrtm_backward_matrices(iters) * batch * n * n;
 }
 
 // s (batch, n, n) -> out (batch, n, n), saved (batch, sqrtm_saved_slots(iters), n, n).

@@ -42,7 +42,7 @@ def build(out_dir: str | os.PathLike, cxx: str | None = None) -> pathlib.Path:
         raise RuntimeError(f"no .cu sources in {CUDA_SRC}")
     lib = out / "libmpncov_cuda_emu.so"
     cmd = [cxx or os.environ.get("CXX", "g++"), "-std=c++17", "-O2", "-fPIC", "-shared",
-           "-Wall", "-Wno-unused-function", f"-I{HERE / 'include'}", f"-I{src}",
+           "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", f"-I{HERE / 'include'}", f"-I{src}",
            str(HERE / "emu_runtime.cpp"), str(HERE / "emu_api.cpp"), *map(str, units),
            "-o", str(lib)]
     res = subprocess.run(cmd, capture_output=True, text=True)

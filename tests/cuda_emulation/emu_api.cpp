@@ -18,14 +18,14 @@ std::vector<T> scratch(int64_t n) {
 
 template <typename T>
 int covpool_forward(const void* x, void* out, int64_t b, int64_t c, int64_t m) {
-  auto w = scratch<T>(mpncov::cuda::covpool_forward_workspace(b, c));
+  auto w = scratch<T>(mpncov::cuda::covpool_forward_workspace(b, c, m));
   return mpncov::cuda::covpool_forward<T>(static_cast<const T*>(x), static_cast<T*>(out),
                                           w.data(), b, c, m, nullptr);
 }
 
 template <typename T>
 int covpool_backward(const void* g, const void* x, void* dx, int64_t b, int64_t c, int64_t m) {
-  auto w = scratch<T>(mpncov::cuda::covpool_backward_workspace(b, c));
+  auto w = scratch<T>(mpncov::cuda::covpool_backward_workspace(b, c, m));
   return mpncov::cuda::covpool_backward<T>(static_cast<const T*>(g), static_cast<const T*>(x),
                                            static_cast<T*>(dx), w.data(), b, c, m, nullptr);
 }

@@ -60,6 +60,12 @@ void wait_at(int& arrived, unsigned long long& generation, int members) {
 
 }  // namespace
 
+void misaligned_access(const void* p, const char* file, int line) {
+  std::fprintf(stderr, "emu: misaligned 16-byte access to %p at %s:%d (faults on a GPU)\n", p,
+               file, line);
+  std::abort();
+}
+
 int linear_thread() {
   return static_cast<int>(thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z));
 }

@@ -6,7 +6,7 @@
 //
 // Model: the blocks of a grid run one after another; the threads of a block are
 // cooperative fibers (ucontext) that run round-robin, each until it reaches a barrier
-// (__syncthreads, or the warp barrier inside __shfl_down_sync) or returns. __shared__
+// (__syncthreads, or the warp barrier inside __shfl_down_sync / __shfl_sync) or returns. __shared__
 // becomes `static`, one object shared by all fibers of the running block. A barrier that
 // can never complete (some threads returned or wait elsewhere) aborts with a message, as
 // it would hang (or be undefined) on a GPU.
@@ -25,6 +25,9 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 
+// Vector accesses of the kernels (csrc/cuda/batched_gemm.cuh) must be 16-byte aligned.
+#define MPNCOV_ASSERT_ALIGNED16(p) ::emu::check_aligned16(p, __FILE__, __LINE__)
+
 struct dim3 {
   unsigned int x, y, z;
   constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1)
@@ -38,12 +41,19 @@ struct alignas(16) float4 {
 struct alignas(16) double2 {
   double x, y;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline double2 make_double2(double x, double y) { return double2{x, y}; }
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
 namespace emu {
+
+void misaligned_access(const void* p, const char* file, int line);  // aborts
+inline void check_aligned16(const void* p, const char* file, int line) {
+  if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) misaligned_access(p, file, line);
+}
 
 extern dim3 thread_idx, block_idx, block_dim, grid_dim;
 extern cudaError_t last_error;
@@ -84,6 +94,20 @@ T shfl_down(T v, unsigned int offset) {
   return r;
 }
 
+// Value of v in lane src_lane of the calling thread's warp.
+template <typename T>
+T shfl_idx(T v, int src_lane) {
+  static_assert(sizeof(T) <= 16, "shuffle of a type wider than 16 bytes");
+  const int lane = linear_thread() & 31;
+  unsigned char* slots = warp_slots();
+  std::memcpy(slots + 16 * lane, &v, sizeof(T));
+  sync_warp();
+  T r;
+  std::memcpy(&r, slots + 16 * (src_lane & 31), sizeof(T));
+  sync_warp();
+  return r;
+}
+
 }  // namespace emu
 
 #define threadIdx (::emu::thread_idx)
@@ -96,6 +120,11 @@ inline void __syncthreads() { ::emu::sync_block(); }
 template <typename T>
 T __shfl_down_sync(unsigned int /*mask: all lanes take part here*/, T v, unsigned int offset) {
   return ::emu::shfl_down(v, offset);
+}
+
+template <typename T>
+T __shfl_sync(unsigned int /*mask: all lanes take part here*/, T v, int src_lane) {
+  return ::emu::shfl_idx(v, src_lane);
 }
 
 inline cudaError_t cudaGetLastError() {
