@@ -3,7 +3,7 @@
 #
 # 1. Every csrc/cuda/*.cu is compiled with nvcc for sm_80 and sm_90 (object files go to a
 #    temp dir and are discarded).
-# 2. csrc/cuda/ops_binding.cpp is syntax-checked with g++ against torch's include paths and
+# 2. csrc/cuda/*_binding.cpp (the torch side) are syntax-checked with g++ against torch's include paths and
 #    the CUDA headers. The CPU wheel of torch ships c10/cuda headers but not the generated
 #    c10/cuda/impl/cuda_cmake_macros.h; C10_CUDA_NO_CMAKE_CONFIGURE_FILE skips that include
 #    (it only defines C10_CUDA_BUILD_SHARED_LIBS, which matters for linking, not syntax).
@@ -64,7 +64,7 @@ for i in "${!pids[@]}"; do
   cat "$TMP/$(basename "$f").log"
 done
 
-echo "== g++ -fsyntax-only csrc/cuda/ops_binding.cpp"
+echo "== g++ -fsyntax-only csrc/cuda/*_binding.cpp"
 if inc=$("$PYTHON" - <<'PY' 2>/dev/null
 import sysconfig
 import torch.utils.cpp_extension as c
@@ -73,16 +73,19 @@ PY
 ); then
   args=()
   while IFS= read -r d; do [[ -n "$d" ]] && args+=(-isystem "$d"); done <<<"$inc"
-  # -std=c++17 matches setup.py's cxx flags.
-  if "$CXX" -std=c++17 -fsyntax-only -Wall -DMPNCOV_WITH_CUDA \
-      -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE "${args[@]}" -I "$CUDA_INC" \
-      csrc/cuda/ops_binding.cpp >"$TMP/binding.log" 2>&1; then
-    echo "ok   g++ csrc/cuda/ops_binding.cpp"
-  else
-    echo "FAIL g++ csrc/cuda/ops_binding.cpp"
-    status=1
-  fi
-  grep -v -e "Wc++20-extensions" "$TMP/binding.log" | grep -E "error|warning:" | head -50
+  for f in csrc/cuda/*_binding.cpp; do
+    log="$TMP/$(basename "$f").log"
+    # -std=c++17 matches setup.py's cxx flags.
+    if "$CXX" -std=c++17 -fsyntax-only -Wall -DMPNCOV_WITH_CUDA \
+        -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE "${args[@]}" -I "$CUDA_INC" \
+        "$f" >"$log" 2>&1; then
+      echo "ok   g++ $f"
+    else
+      echo "FAIL g++ $f"
+      status=1
+    fi
+    grep -v -e "Wc++20-extensions" "$log" | grep -E "error|warning:" | head -50
+  done
 else
   echo "skip: torch is not importable with $PYTHON; binding syntax check not run"
 fi

@@ -320,3 +320,37 @@ def test_emulation_rewrites_every_launch():
         "::emu::launch(1, 32, 0, s, f, x);")
     for f in build.CUDA_SRC.glob("*.cu"):
         assert "<<<" not in build.rewrite_launches(f.read_text()), f
+
+
+# ---- the cuBLAS product path (MPNCOV_CUDA_PRODUCTS=cublas), its ATen code run on CPU ------
+
+@pytest.fixture(scope="module")
+def aten_path(tmp_path_factory):
+    from cuda_emulation import build
+    return build.load_aten_path(tmp_path_factory.mktemp("aten_path"))
+
+
+@pytest.mark.parametrize("iters", [1, 2, 5, 11])
+def test_cublas_path_matches_the_kernels(emu, aten_path, iters):
+    b, c, m = 3, 40, 50
+    dtype = torch.float64
+    x = torch.randn(b, c, m, generator=torch.Generator().manual_seed(iters), dtype=dtype) + 1
+    s = aten_path.covpool(x)
+    close(s, torch.ops.mpncov.covpool(x), dtype)
+    assert torch.equal(s, s.transpose(1, 2))
+    g = torch.randn(b, c, c, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    close(aten_path.covpool_backward(g, x), torch.ops.mpncov.covpool_backward(g, x), dtype)
+    s = s.clone()
+    s[1] = 0
+    s[2] = -s[0]
+    out, saved = aten_path.sqrtm(s, iters)
+    emu_out, emu_saved = emu_sqrtm(emu, s, iters)
+    close(out[:2], emu_out[:2], dtype)
+    close(saved[:2], emu_saved[:2], dtype)
+    assert torch.isnan(out[2]).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+    ds = aten_path.sqrtm_backward(g, s, saved, iters)
+    emu_ds = emu_sqrtm_backward(emu, g, s, emu_saved, iters)
+    close(ds[:2], emu_ds[:2], dtype)
+    close(ds[:1], ref_sqrtm_grad(s[:1], g[:1], iters), dtype)
+    assert torch.isnan(ds[2]).all() and torch.equal(ds[1], torch.zeros_like(ds[1]))
+    assert torch.equal(ds[:2], ds[:2].transpose(1, 2))

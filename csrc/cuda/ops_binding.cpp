@@ -17,8 +17,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
+#include "aten_products.h"
 #include "covpool_kernel.cuh"
 #include "sqrtm_kernel.cuh"
 #include "triuvec_kernel.cuh"
@@ -69,6 +72,16 @@ void check_launch(cudaError_t err, const char* op) {
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+// MPNCOV_CUDA_PRODUCTS (read at every call): "kernels" (default) runs the hand-written
+// kernels, "cublas" the same recurrences with ATen's batched matmul (aten_products.h).
+bool use_cublas_products() {
+  const char* v = std::getenv("MPNCOV_CUDA_PRODUCTS");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "kernels") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(v, "cublas") == 0,
+                    "mpncov: MPNCOV_CUDA_PRODUCTS must be 'kernels' or 'cublas', got '", v, "'");
+  return true;
+}
+
 // x: (B, C, H, W) or (B, C, M) -> M.
 int64_t positions(const Tensor& x, const char* op) {
   TORCH_CHECK(x.dim() == 3 || x.dim() == 4, "mpncov.", op,
@@ -91,6 +104,7 @@ Tensor covpool_cuda(const Tensor& x) {
   TORCH_CHECK(m >= 1, "mpncov.covpool: expected at least one position (M = H*W >= 1), got x of "
               "shape ", x.sizes());
   const Tensor xc = x.reshape({b, c, m}).to(ct).contiguous();
+  if (use_cublas_products()) return mpncov::cuda::covpool_aten(xc).to(x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_covpool_cuda", [&] {
     Tensor work = at::empty({mpncov::cuda::covpool_forward_workspace(b, c, m)}, xc.options());
     check_launch(mpncov::cuda::covpool_forward<scalar_t>(
@@ -120,6 +134,8 @@ Tensor covpool_backward_cuda(const Tensor& grad, const Tensor& x) {
   if (b == 0 || c == 0 || m == 0) return dx.view(x.sizes()).to(x.scalar_type());
   const Tensor xc = x.reshape({b, c, m}).to(ct).contiguous();
   const Tensor gc = grad.to(ct).contiguous();
+  if (use_cublas_products())
+    return mpncov::cuda::covpool_backward_aten(gc, xc).view(x.sizes()).to(x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_covpool_backward_cuda", [&] {
     Tensor work = at::empty({mpncov::cuda::covpool_backward_workspace(b, c, m)}, xc.options());
     check_launch(mpncov::cuda::covpool_backward<scalar_t>(
@@ -145,6 +161,10 @@ std::tuple<Tensor, Tensor> sqrtm_cuda(const Tensor& s, int64_t iters) {
   Tensor saved = at::empty({b, mpncov::cuda::sqrtm_saved_slots(iters), n, n}, opts);
   if (b == 0 || n == 0) return {out.to(s.scalar_type()), saved};
   const Tensor sc = s.to(ct).contiguous();
+  if (use_cublas_products()) {
+    auto [root, saved_aten] = mpncov::cuda::sqrtm_aten(sc, iters);
+    return {root.to(s.scalar_type()), saved_aten};
+  }
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_sqrtm_cuda", [&] {
     Tensor work = at::empty({mpncov::cuda::sqrtm_forward_workspace(b, n, iters)}, opts);
     check_launch(mpncov::cuda::sqrtm_forward<scalar_t>(
@@ -183,6 +203,8 @@ Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& sa
   const Tensor gc = grad.to(ct).contiguous();
   const Tensor sc = s.to(ct).contiguous();
   const Tensor savedc = saved.to(ct).contiguous();
+  if (use_cublas_products())
+    return mpncov::cuda::sqrtm_backward_aten(gc, sc, savedc, iters).to(s.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_sqrtm_backward_cuda", [&] {
     Tensor work = at::empty({mpncov::cuda::sqrtm_backward_workspace(b, n, iters)}, opts);
     check_launch(mpncov::cuda::sqrtm_backward<scalar_t>(

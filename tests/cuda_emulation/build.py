@@ -51,6 +51,17 @@ def build(out_dir: str | os.PathLike, cxx: str | None = None) -> pathlib.Path:
     return lib
 
 
+def load_aten_path(out_dir: str | os.PathLike):
+    """The cuBLAS product path of csrc/cuda (plain ATen) built for the CPU as a Python
+    module (aten_path.cpp); the emulated CUDA headers stand in for the CUDA toolkit."""
+    from torch.utils import cpp_extension
+    return cpp_extension.load(
+        name="mpncov_aten_path", build_directory=str(out_dir), verbose=False,
+        sources=[str(CUDA_SRC / "aten_products_binding.cpp"), str(HERE / "aten_path.cpp")],
+        extra_include_paths=[str(CUDA_SRC), str(HERE / "include")],
+        extra_cflags=["-O1"])
+
+
 def load(out_dir: str | os.PathLike) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build(out_dir)))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
