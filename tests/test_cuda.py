@@ -475,3 +475,29 @@ def test_argument_errors():
     with pytest.raises(errors, match="saved"):
         s = torch.eye(3, device=DEV)[None]
         sqrtm_backward_op(s, s, torch.zeros(1, 2, 3, 3, device=DEV), 3)
+
+
+# ---- the cuBLAS product path (MPNCOV_CUDA_PRODUCTS=cublas) ---------------------------------
+
+@pytest.mark.parametrize("iters", [1, 5, 11])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cublas_products_match_kernels(iters, dtype, monkeypatch):
+    x = features(3, 129, 196, seed=30 + iters).to(DEV, dtype)
+    g = torch.randn(3, 129 * 130 // 2, generator=gen(31), dtype=F64).to(DEV, dtype)
+    monkeypatch.setenv("MPNCOV_CUDA_PRODUCTS", "kernels")
+    out_k, dx_k = _pipeline(x, g, iters)[:2]
+    monkeypatch.setenv("MPNCOV_CUDA_PRODUCTS", "cublas")
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32-exact products for the comparison
+    try:
+        out_c, dx_c = _pipeline(x, g, iters)[:2]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert_rel(out_c, out_k, TOL[dtype] * 5, "cublas vs kernels forward")
+    assert_rel(dx_c, dx_k, GRAD_TOL[dtype] * 5, "cublas vs kernels backward")
+
+
+def test_products_env_value_checked(monkeypatch):
+    monkeypatch.setenv("MPNCOV_CUDA_PRODUCTS", "fast")
+    with pytest.raises(ValueError, match="MPNCOV_CUDA_PRODUCTS must be 'kernels' or 'cublas'"):
+        mpncov.covpool(torch.randn(2, 3, 4, device=DEV))
