@@ -176,7 +176,7 @@ def classify(op: str) -> str:
         return "LDS"
     if base == "STS":
         return "STS"
-    if base in ("LDG", "LD", "LDGSTS"):
+    if base in ("LDG", "LD", "LDGSTS"):  # global loads and cp.async copies
         return "LDG"
     if base in ("BAR",):
         return "BAR"
@@ -209,13 +209,18 @@ def loop_paths(body, min_fmas):
     lo, hi, _ = best
     # DP over instructions lo..hi (a DAG once the back edge is dropped): each instruction
     # falls through unless it is an unpredicated branch; a branch inside the loop adds an
-    # edge to its target. Paths end at the back edge (hi).
+    # edge to its target. Paths end at the back edge (hi). Only paths that stage the next
+    # slab count (at least one global load or async copy): the loop's last iteration,
+    # which skips the staging, is not a slab's cost.
     inf = float("inf")
-    cost_min = [inf] * (hi + 2)
-    cost_max = [-inf] * (hi + 2)
-    choice_min = [None] * (hi + 2)
-    choice_max = [None] * (hi + 2)
-    cost_min[hi + 1] = cost_max[hi + 1] = 0
+    n = hi + 2
+    # best[i][need]: (cost, next) of the cheapest / costliest path from i to the end; need=1
+    # while no global load has been passed yet.
+    cmin = [[inf, inf] for _ in range(n)]
+    cmax = [[-inf, -inf] for _ in range(n)]
+    nmin = [[None, None] for _ in range(n)]
+    nmax = [[None, None] for _ in range(n)]
+    cmin[hi + 1][0] = cmax[hi + 1][0] = 0
     for i in range(hi, lo - 1, -1):
         _addr, pred, op, args = body[i]
         succ = []
@@ -230,21 +235,29 @@ def loop_paths(body, min_fmas):
                 t = index.get(int(m.group(1), 16)) if m else None
                 if t is not None and lo <= t <= hi and t > i:
                     succ.append(t)
-        for s in succ:
-            if cost_min[s] + 1 < cost_min[i]:
-                cost_min[i], choice_min[i] = cost_min[s] + 1, s
-            if cost_max[s] + 1 > cost_max[i]:
-                cost_max[i], choice_max[i] = cost_max[s] + 1, s
+        loads = classify(op) == "LDG"
+        for need in (0, 1):
+            after = 0 if loads else need
+            for s in succ:
+                if cmin[s][after] + 1 < cmin[i][need]:
+                    cmin[i][need], nmin[i][need] = cmin[s][after] + 1, (s, after)
+                if cmax[s][after] + 1 > cmax[i][need]:
+                    cmax[i][need], nmax[i][need] = cmax[s][after] + 1, (s, after)
 
-    def walk(choice):
-        counts, i = {}, lo
+    def walk(nxt):
+        counts, i, need = {}, lo, 1
         while i is not None and i <= hi:
             c = classify(body[i][2])
             counts[c] = counts.get(c, 0) + 1
-            i = choice[i]
+            step = nxt[i][need]
+            if step is None:
+                break
+            i, need = step
         return counts
 
-    return walk(choice_min), walk(choice_max)
+    if cmin[lo][1] == inf:
+        return None
+    return walk(nmin), walk(nmax)
 
 
 def per_slab(counts: dict, slab_fmas: int) -> dict:
@@ -352,7 +365,7 @@ def main() -> int:
             "the shared loads feeding them (LDG, STS, integer/address, control, barrier). "
             "FMA share = FMA / all, an upper bound of the FMA pipe's share of issue slots.",
             "",
-            "| kernel | arch | path | FMA | LDS | LDG | STS | other | control+BAR | staging | FMA share |",
+            "| kernel | arch | path | FMA | LDS | LDG/LDGSTS | STS | other | control+BAR | staging | FMA share |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for k, arch, label, c, staging in sorted(loops):

@@ -298,6 +298,36 @@ def test_sqrtm_accepts_100_iters(emu):
     close(out, ref_sqrtm(s, 100), torch.float64)
 
 
+def launches(emu, fn, *args):
+    before = emu.emu_launches()
+    fn(*args)
+    return emu.emu_launches() - before
+
+
+@pytest.mark.parametrize("iters", [1, 2, 5, 9])
+def test_launches_per_op(emu, iters):
+    # forward: prep + Y1 + (N-1) x (T_k + one launch for the pair Y_{k+1}, Z_{k+1}), the
+    # output written by the last product; backward: prep + dY1 + (N-1) x (dT + the pair
+    # dY, dZ) + the diagonal term. At N = 5: 10 + 11, against 15 + 17 before the fusion.
+    b, c, m = 2, 20, 9
+    dtype = torch.float32
+    s = symmetric(spd_batch(b, c, dtype, seed=1))
+    saved = nan_filled((b, 3 * (iters - 1) + 1, c, c), dtype)
+    out = nan_filled((b, c, c), dtype)
+    fwd = launches(emu, call, emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters)
+    bwd = launches(emu, call, emu, "sqrtm_backward", dtype, s, s, saved, out, b, c, iters)
+    assert (fwd, bwd) == (2 * iters, 2 * iters + 1)
+    x = torch.randn(b, c, m, dtype=dtype)
+    assert launches(emu, call, emu, "covpool_forward", dtype, x, out, b, c, m) == 2
+    dx = nan_filled((b, c, m), dtype)
+    assert launches(emu, call, emu, "covpool_backward", dtype, s, x, dx, b, c, m) == 3
+    # Few tiles and a deep M: the forward splits the sum over M in parts (one more launch
+    # adds them up); test_covpool checks its values at this size.
+    x = torch.randn(2, 128, 196, dtype=dtype)
+    out = nan_filled((2, 128, 128), dtype)
+    assert launches(emu, call, emu, "covpool_forward", dtype, x, out, 2, 128, 196) == 3
+
+
 @pytest.mark.parametrize("c", [1, 5, 70])
 def test_triuvec(emu, c):
     dtype = torch.float64

@@ -7,18 +7,19 @@
 // vectors and does 64 FMAs (FMA units, not shared memory, set the pace). K is walked in
 // slabs of 16, staged in shared memory as [k][x] (x = row of P or column of Q).
 //
-// Staging (fast by construction, see benchmarks/results/static/cuda-kernels.md):
-// - each thread stages 16 values of each operand per slab, loaded as four 16-byte vectors
-//   when the slab is interior and aligned (the common case: every slab of a C = 128 / 256
-//   product), with one bounds-checked scalar path for edge tiles and the last partial slab;
-// - float: the next slab's loads are issued into registers before the current slab is
-//   multiplied, and stored to the other of two shared buffers after it (double
-//   buffering, one barrier per slab); double: no prefetch (its 8 x 8 accumulators leave
-//   no registers for it), load -> store -> multiply, still one barrier per slab;
-// - an operand is read in the orientation in which its 16-byte vectors run along the
-//   tile (x) or along k, so no vector load is wasted: `k_contig` operands (P row-major,
-//   Q given transposed) are stored transposed with 16 scalar shared stores per thread
-//   and slab, the others with 4 vector stores.
+// Staging (fast by construction, see benchmarks/results/static/cuda-kernels.md): a slab
+// of each operand is 64 x 16 values, 16 per thread, as four 16-byte vectors when the slab
+// is interior and aligned (every slab of a C = 128 / 256 product but a partial last one),
+// with one bounds-checked scalar path for edge tiles and partial slabs. Two shared
+// buffers alternate: while slab s is multiplied, slab s + 1 is on its way:
+// - an operand whose vectors run along the tile (a symmetric P read as P^T, a row-major
+//   Q: `k_contig` false) is copied by cp.async straight into shared memory (float and
+//   double, sm_80+), no registers held;
+// - an operand whose vectors run along k (P row-major, covpool's Xc^T) must be
+//   transposed: float loads it into registers before the multiply and stores it after;
+//   double, whose 8 x 8 accumulators leave no registers for that, loads it after.
+// A checked slab is loaded after the multiply too (edges only), so its scalar loads never
+// add to the multiply's registers.
 // Every output is a sum over k in increasing order (term by term), the same in every
 // block, so results are bitwise reproducible.
 #pragma once
@@ -27,6 +28,7 @@
 
 #include <cstdint>
 
+#include "async_copy.cuh"
 #include "common.cuh"
 
 namespace mpncov {
@@ -50,7 +52,7 @@ static_assert(kPerY == 8 && kPerX == 8, "tile_row / tile_col assume 8 x 8 per th
 static_assert(kStagedPerThread == kSlab && kTile == kBlock, "staging layout below");
 
 // One operand of a product, as a slab source. The stored matrix M (urows x vcols,
-// row-major, leading dimension ld) is read as scale * M(u, v), 0 outside. The operand's element (x, k) is M(x, k) when k_contig,
+// row-major, leading dimension ld) is read as M(u, v), 0 outside. The operand's element (x, k) is M(x, k) when k_contig,
 // else M(k, x). So P (rows x K) row-major has k_contig = true; a symmetric P can be read
 // as M(k, x) (k_contig = false, vectors along the tile); Q (K x cols) row-major has
 // k_contig = false, and Q given by its transpose (covpool's Xc^T) k_contig = true.
@@ -59,15 +61,14 @@ struct Operand {
   const T* p;
   int64_t ld;
   int urows, vcols;
-  T scale;
   bool k_contig;
 };
 
 // Builds an Operand (nvcc-friendly aggregate construction).
 template <typename T>
 __host__ __device__ inline Operand<T> operand(const T* p, int64_t ld, int urows, int vcols,
-                                              bool k_contig, T scale = T(1)) {
-  return Operand<T>{p, ld, urows, vcols, scale, k_contig};
+                                              bool k_contig) {
+  return Operand<T>{p, ld, urows, vcols, k_contig};
 }
 
 // Staging buffers: two stages of [k][x] slabs for P and Q. After the K loop the same
@@ -191,23 +192,40 @@ __device__ __forceinline__ void load_slab(Staged<T>& st, const Operand<T>& op, i
   }
 }
 
-// Stores scale * st into the [k][x] slab dst.
+// Stores st into the [k][x] slab dst.
 template <typename T>
 __device__ __forceinline__ void store_slab(T (*dst)[kPitch], const Staged<T>& st,
                                            const Operand<T>& op) {
   const int t = threadIdx.x;
-  const T s = op.scale;
   if (op.k_contig) {
 #pragma unroll
-    for (int k = 0; k < kSlab; ++k) dst[k][t] = s * st.v[k];
+    for (int k = 0; k < kSlab; ++k) dst[k][t] = st.v[k];
   } else {
     const int xv = kVec * (t % 16);
     const int kr = t / 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      store4(&dst[kr + 4 * i][xv], s * st.v[i * kVec], s * st.v[i * kVec + 1],
-             s * st.v[i * kVec + 2], s * st.v[i * kVec + 3]);
+      store4(&dst[kr + 4 * i][xv], st.v[i * kVec], st.v[i * kVec + 1], st.v[i * kVec + 2],
+             st.v[i * kVec + 3]);
   }
+}
+
+// Starts cp.async copies of the thread's part of an interior, aligned slab (x0, k0) of a
+// non-k_contig operand into the [k][x] slab dst (same layout as load_slab + store_slab).
+template <typename T>
+__device__ __forceinline__ void copy_slab_async(T (*dst)[kPitch], const Operand<T>& op, int x0,
+                                                int k0) {
+  const int t = threadIdx.x;
+  const int xv = kVec * (t % 16);
+  const int kr = t / 16;
+  const T* src = op.p + static_cast<int64_t>(k0 + kr) * op.ld + x0 + xv;
+  constexpr int kCopies = kVec * sizeof(T) / 16;  // 16-byte copies per vector
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < kCopies; ++c)
+      async_copy::copy16(&dst[kr + 4 * i][xv + c * (16 / sizeof(T))],
+                         src + 4 * i * op.ld + c * (16 / sizeof(T)));
 }
 
 // Whether the slab (x0, k0) of op lies inside the matrix with 16-byte aligned vectors.
@@ -255,58 +273,73 @@ struct Terms {
 
 // acc[r][c] = sum_i sum_{k < K_i} P_i(row0 + tile_row(r), k) Q_i(k, col0 + tile_col(c)).
 // Both terms run as one sequence of slabs, so the pipeline does not drain between them.
-// Must be called by all threads of the block (it synchronises); on return the shared
-// memory is free (every thread has passed the last barrier after its last read).
-template <typename T, bool kPrefetch = (sizeof(T) == 4)>
+// kTwoTerms = false: terms.p[0] @ terms.q[0] only. Must be called by all threads of the
+// block (it synchronises); on return the shared memory is free.
+template <typename T, bool kTwoTerms = true>
 __device__ __forceinline__ void accumulate(T (&acc)[kPerY][kPerX], Smem<T>& sm,
                                            const Terms<T>& terms, int row0, int col0) {
+  constexpr bool kPrefetchRegisters = sizeof(T) == 4;
 #pragma unroll
   for (int r = 0; r < kPerY; ++r)
 #pragma unroll
     for (int c = 0; c < kPerX; ++c) acc[r][c] = T(0);
   const int s0 = (terms.k[0] + kSlab - 1) / kSlab;
-  const int slabs = s0 + (terms.count > 1 ? (terms.k[1] + kSlab - 1) / kSlab : 0);
+  const int slabs = s0 + (kTwoTerms && terms.count > 1 ? (terms.k[1] + kSlab - 1) / kSlab : 0);
+  if (slabs <= 0) return;
   Staged<T> pa, qb;
   // Operands are selected by value: a run-time index into the parameter array would make
   // the compiler copy it to local memory.
-  auto load = [&](int s) {
-    const bool first = s < s0;
-    const int k0 = (first ? s : s - s0) * kSlab;
-    const Operand<T> p = first ? terms.p[0] : terms.p[1];
-    const Operand<T> q = first ? terms.q[0] : terms.q[1];
-    // One decision for both operands: two code paths, not four, to keep registers low.
+  auto operands = [&](int s, Operand<T>& p, Operand<T>& q, int& k0) {
+    const bool first = !kTwoTerms || s < s0;
+    k0 = (first ? s : s - s0) * kSlab;
+    p = first ? terms.p[0] : terms.p[1];
+    q = first ? terms.q[0] : terms.q[1];
+  };
+  // One fast/checked decision for both operands: two code paths, not four.
+  // Phase 1 (before the multiply): cp.async copies; float's fast register loads.
+  auto start = [&](int s, Stage<T>& dst) {
+    Operand<T> p, q;
+    int k0;
+    operands(s, p, q, k0);
     const bool fast = slab_is_fast(p, row0, k0) && slab_is_fast(q, col0, k0);
-    load_slab(pa, p, row0, k0, fast);
-    load_slab(qb, q, col0, k0, fast);
-  };
-  auto store = [&](int s, Stage<T>& dst) {
-    const bool first = s < s0;
-    store_slab(dst.a, pa, first ? terms.p[0] : terms.p[1]);
-    store_slab(dst.b, qb, first ? terms.q[0] : terms.q[1]);
-  };
-  if (kPrefetch) {
-    if (slabs == 0) return;
-    load(0);
-    store(0, sm.stage[0]);
-    __syncthreads();
-    // The last slab is peeled off, so the loop body always stages the next one.
-    for (int s = 0; s + 1 < slabs; ++s) {
-      load(s + 1);  // in flight while this slab is multiplied
-      multiply_slab(acc, sm.stage[s & 1]);
-      store(s + 1, sm.stage[(s + 1) & 1]);
-      // The next slab is visible, and stage s & 1 (read above) is free for slab s + 2.
-      __syncthreads();
+    if (fast) {
+      if (!p.k_contig) copy_slab_async(dst.a, p, row0, k0);
+      else if (kPrefetchRegisters) load_slab(pa, p, row0, k0, true);
+      if (!q.k_contig) copy_slab_async(dst.b, q, col0, k0);
+      else if (kPrefetchRegisters) load_slab(qb, q, col0, k0, true);
     }
-    multiply_slab(acc, sm.stage[(slabs - 1) & 1]);
-    __syncthreads();
-  } else {
-    for (int s = 0; s < slabs; ++s) {
-      // Stage s & 1 was last read at slab s - 2, before the barrier of slab s - 1.
-      load(s);
-      store(s, sm.stage[s & 1]);
-      __syncthreads();
-      multiply_slab(acc, sm.stage[s & 1]);
+    async_copy::commit();  // possibly empty: every thread commits one group per slab
+  };
+  // Phase 2 (after the multiply): whatever phase 1 did not copy, through registers.
+  auto finish = [&](int s, Stage<T>& dst) {
+    Operand<T> p, q;
+    int k0;
+    operands(s, p, q, k0);
+    const bool fast = slab_is_fast(p, row0, k0) && slab_is_fast(q, col0, k0);
+    if (!fast || p.k_contig) {
+      if (!fast || !kPrefetchRegisters) load_slab(pa, p, row0, k0, fast);
+      store_slab(dst.a, pa, p);
     }
+    if (!fast || q.k_contig) {
+      if (!fast || !kPrefetchRegisters) load_slab(qb, q, col0, k0, fast);
+      store_slab(dst.b, qb, q);
+    }
+  };
+  start(0, sm.stage[0]);
+  finish(0, sm.stage[0]);
+  for (int s = 0; s < slabs; ++s) {
+    const bool next = s + 1 < slabs;
+    if (next) start(s + 1, sm.stage[(s + 1) & 1]);
+    // Slab s's copies have landed (slab s + 1's may not) ...
+    if (next) {
+      async_copy::wait<1>();
+    } else {
+      async_copy::wait<0>();
+    }
+    __syncthreads();  // ... and every thread's copies and stores of slab s are visible.
+    multiply_slab(acc, sm.stage[s & 1]);
+    if (next) finish(s + 1, sm.stage[(s + 1) & 1]);
+    // Stage s & 1 is free for slab s + 2 only once every thread has multiplied it.
     __syncthreads();
   }
 }

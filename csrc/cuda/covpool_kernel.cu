@@ -36,39 +36,104 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// xct[b][k][i] = x[b][i][k] - mean of x[b][i][:]: Xc transposed (m x c per sample), so
+// that both operands of the forward product (Xc and Xc^T) are read with their vectors
+// along the tile and copied asynchronously (no registers held for a transpose). One block
+// per (32 channels, sample): each warp reduces 4 rows (fixed order), then 32 x 32 tiles
+// go through shared memory, read along m and written along c (both coalesced).
+constexpr int kCentreRows = 32;
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    centre_transposed_kernel(const T* __restrict__ x, T* __restrict__ xct, int c, int m,
+                             int64_t batch) {
+  __shared__ T mean[kCentreRows];
+  __shared__ T tile[kCentreRows][kCentreRows + 1];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int i0 = blockIdx.x * kCentreRows;
+  for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
+    const T* xb = x + b * c * static_cast<int64_t>(m);
+    T* ob = xct + b * c * static_cast<int64_t>(m);
+    for (int r = warp; r < kCentreRows; r += kWarpsPerBlock) {  // uniform within a warp
+      const int i = i0 + r;
+      T s = T(0);
+      if (i < c)
+        for (int k = lane; k < m; k += 32) s += xb[static_cast<int64_t>(i) * m + k];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+      if (lane == 0) mean[r] = s / static_cast<T>(m);
+    }
+    __syncthreads();
+    for (int k0 = 0; k0 < m; k0 += kCentreRows) {
+      for (int r = warp; r < kCentreRows; r += kWarpsPerBlock) {
+        const int i = i0 + r, k = k0 + lane;
+        tile[r][lane] = (i < c && k < m) ? xb[static_cast<int64_t>(i) * m + k] - mean[r] : T(0);
+      }
+      __syncthreads();
+      for (int r = warp; r < kCentreRows; r += kWarpsPerBlock) {
+        const int k = k0 + r, i = i0 + lane;
+        if (k < m && i < c) ob[static_cast<int64_t>(k) * c + i] = tile[lane][r];
+      }
+      __syncthreads();
+    }
+  }
+}
+
 // S = (1/m) Xc Xc^T for each sample. Only tiles on or above the diagonal are computed
-// (blockIdx.x numbers them, see gemm::upper_tile); each S[i, j] with i <= j is written at
-// (i, j) and (j, i), so S is exactly symmetric. blockIdx.y strides over the batch.
-// Both operands are Xc read along its rows (k_contig).
+// (see gemm::upper_tile); each S[i, j] with i <= j is written at (i, j) and (j, i), so S
+// is exactly symmetric. blockIdx.y strides over the batch. Both operands are read from
+// Xc^T (xct, m x c): P(i, k) = Xc^T(k, i), Q(k, j) = Xc^T(k, j), vectors along the tile.
+// With splits > 1, blockIdx.x = tile * splits + part and the
+// block sums positions [part * kper, (part + 1) * kper) only, writing the unscaled
+// partial sum into out + part * batch * c * c (added up by covpool_sum_parts_kernel).
 template <typename T>
 __global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlocksFloat : 1)
-    covpool_kernel(const T* __restrict__ xc, T* __restrict__ out, int c, int m, int64_t batch,
-                   bool vec) {
+    covpool_kernel(const T* __restrict__ xct, T* __restrict__ out, int c, int m, int64_t batch,
+                   int splits, int kper, bool vec) {
   __shared__ gemm::Smem<T> sm;
+  const int part = static_cast<int>(blockIdx.x) % splits;
   int tr, tc;
-  gemm::upper_tile(blockIdx.x, gemm::tiles_for(c), tr, tc);
+  gemm::upper_tile(static_cast<int>(blockIdx.x) / splits, gemm::tiles_for(c), tr, tc);
   const int row0 = tr * kTile;
   const int col0 = tc * kTile;
+  const int k0 = part * kper;
+  const int kn = splits > 1 ? (m - k0 < kper ? m - k0 : kper) : m;
+  const T scale = splits > 1 ? T(1) : static_cast<T>(m);  // divide by m unless partial
+  T* dst = out + static_cast<int64_t>(part) * batch * c * c;
   for (int64_t b = blockIdx.y; b < batch; b += gridDim.y) {
-    const gemm::Operand<T> xcb =
-        gemm::operand(xc + b * c * static_cast<int64_t>(m), m, c, m, /*k_contig=*/true);
+    const gemm::Operand<T> xcb = gemm::operand(
+        xct + b * c * static_cast<int64_t>(m) + static_cast<int64_t>(k0) * c, c, kn, c,
+        /*k_contig=*/false);
     gemm::Terms<T> terms;
     terms.p[0] = terms.p[1] = terms.q[0] = terms.q[1] = xcb;
-    terms.k[0] = terms.k[1] = m;
+    terms.k[0] = terms.k[1] = kn;
     terms.count = 1;
     T acc[kPerY][kPerX];
-    gemm::accumulate(acc, sm, terms, row0, col0);
-    T* o = out + b * c * static_cast<int64_t>(c);
+    gemm::accumulate<T, /*kTwoTerms=*/false>(acc, sm, terms, row0, col0);
+    T* o = dst + b * c * static_cast<int64_t>(c);
     gemm::epilogue(sm, acc, row0, col0, /*mirror=*/true, [&](int i, int j, T(&v)[4], bool mirrored) {
       if (i >= c) return;
       bool keep[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         keep[e] = j + e < c && (mirrored ? i > j + e : i <= j + e);
-        v[e] = v[e] / static_cast<T>(m);
+        v[e] = v[e] / scale;
       }
       gemm::store_masked(o + static_cast<int64_t>(i) * c + j, v, keep, vec);
     });
+  }
+}
+
+// out = (1/m) sum_p part_p, p in increasing order (total = batch * c * c elements).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    covpool_sum_parts_kernel(const T* __restrict__ parts, T* __restrict__ out, int splits,
+                             int m, int64_t total) {
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    T v = parts[idx];
+    for (int p = 1; p < splits; ++p) v += parts[p * total + idx];
+    out[idx] = v / static_cast<T>(m);
   }
 }
 
@@ -104,7 +169,7 @@ __global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlock
     terms.k[0] = terms.k[1] = c;
     terms.count = 1;
     T acc[kPerY][kPerX];
-    gemm::accumulate(acc, sm, terms, row0, col0);
+    gemm::accumulate<T, /*kTwoTerms=*/false>(acc, sm, terms, row0, col0);
     T* o = dx + xoff;
     gemm::epilogue(sm, acc, row0, col0, /*mirror=*/false, [&](int i, int j, T(&v)[4], bool) {
       if (i >= c) return;
@@ -136,14 +201,32 @@ cudaError_t covpool_forward(const T* x, T* out, T* work, int64_t batch, int64_t 
   if (batch == 0 || c == 0) return cudaSuccess;
   if (batch < 0 || !fits_int(c) || !fits_int(m) || m < 1) return cudaErrorInvalidValue;
   const int64_t blocks = gemm::square_tile_blocks(c, /*upper=*/true);
-  if (!fits_int(blocks)) return cudaErrorInvalidValue;
-  T* xc = work;
-  cudaError_t err = launch_centre(x, xc, batch * c, static_cast<int>(m), stream);
+  if (!fits_int(blocks * 8)) return cudaErrorInvalidValue;
+  T* xct = work;
+  centre_transposed_kernel<T><<<dim3(static_cast<unsigned int>((c + kCentreRows - 1) / kCentreRows),
+                                     grid_y_for_batch(batch)),
+                                kThreads, 0, stream>>>(x, xct, static_cast<int>(c),
+                                                       static_cast<int>(m), batch);
+  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned int>(blocks), grid_y_for_batch(batch));
-  const bool vec = c % gemm::kVec == 0 && gemm::aligned16(out);
-  covpool_kernel<T><<<grid, gemm::kBlock, 0, stream>>>(xc, out, static_cast<int>(c),
-                                                       static_cast<int>(m), batch, vec);
+  // Parts of whole slabs: kper is a multiple of 16, every part but the last is full, and
+  // rounding kper up may leave fewer (non-empty) parts than covpool_forward_splits.
+  const int slabs = static_cast<int>((m + gemm::kSlab - 1) / gemm::kSlab);
+  const int per = static_cast<int>((slabs + covpool_forward_splits(batch, c, m) - 1) /
+                                   covpool_forward_splits(batch, c, m));
+  const int splits = (slabs + per - 1) / per;
+  const int kper = per * gemm::kSlab;
+  T* dst = splits > 1 ? work + batch * c * m : out;
+  const dim3 grid(static_cast<unsigned int>(blocks * splits), grid_y_for_batch(batch));
+  const bool vec = c % gemm::kVec == 0 && gemm::aligned16(dst);
+  covpool_kernel<T><<<grid, gemm::kBlock, 0, stream>>>(xct, dst, static_cast<int>(c),
+                                                       static_cast<int>(m), batch, splits, kper,
+                                                       vec);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  const int64_t total = batch * c * c;
+  covpool_sum_parts_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(
+      dst, out, splits, static_cast<int>(m), total);
   return cudaGetLastError();
 }
 

@@ -1,13 +1,13 @@
 // sqrtm CUDA kernels (SPEC section 2).
 //
 // Every matrix product goes through one batched kernel with a fused epilogue:
-//   out = a1 P1 Q1 [+ a2 P2 Q2] [+ beta R] + gamma I,   out2 = f(t) * out
+//   out = alpha (P1 Q1 [+ P2 Q2]) [+ beta R] + gamma I,   out2 = f(t) * out
 // One launch runs one or two such jobs (Y and Z of a forward step, dY and dZ of a backward
 // step are independent given T / dT). With `upper`, only tiles on or above the diagonal
 // are computed and each value is also written to its mirror position: used where the
 // result is symmetric (see sqrtm_kernel.cuh for which ones), which halves the work and
-// makes the stored result exactly symmetric. a1, a2 are 1, 0.25 or -0.5 here and are
-// applied to P when it is staged (exact: powers of 2). An operand known to be exactly
+// makes the stored result exactly symmetric. alpha is 1 or -0.5 (a power of 2, so
+// scaling the sum equals summing scaled products, bit for bit). An operand known to be exactly
 // symmetric (a mirrored result, A, E) is read as its transpose, which the staging loads
 // as vectors along the tile (see batched_gemm.cuh).
 //
@@ -46,7 +46,7 @@ enum Out2Kind : int {
 template <typename T>
 struct Job {
   Mat<T> p[2], q[2];
-  T a[2];
+  T alpha;
   bool p_sym[2];  // P_i is exactly symmetric: staged as P_i^T (vectors along the tile)
   int terms;      // 1 or 2
   Mat<T> r;       // + beta R, skipped when r.p == nullptr; symmetric when upper
@@ -97,8 +97,7 @@ __global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlock
     terms.count = job.terms;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      terms.p[i] = gemm::operand(job.p[i].p + b * job.p[i].bstride, n, n, n, !job.p_sym[i],
-                                 job.a[i]);
+      terms.p[i] = gemm::operand(job.p[i].p + b * job.p[i].bstride, n, n, n, !job.p_sym[i]);
       terms.q[i] = gemm::operand(job.q[i].p + b * job.q[i].bstride, n, n, n, false);
       terms.k[i] = n;
     }
@@ -119,6 +118,8 @@ __global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlock
       for (int e = 0; e < 4; ++e)
         keep[e] = j + e < n && (!job.upper || (mirrored ? i > j + e : i <= j + e));
       const int64_t ij = static_cast<int64_t>(i) * n + j;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[e] *= job.alpha;
       if (rb != nullptr) {
         T rv[4];
         gemm::load_masked(rb + ij, rv, keep, job.vec);
@@ -167,14 +168,16 @@ constexpr int kPrepThreads = 256;
 // gemm::upper_tile does): t = tr(S) (every block sums the diagonal; blocks with
 // blockIdx.x = 0 store it), A = sym(S) / t at both tiles, and
 //   forward:  T0 = 0.5 (3I - A)  into t0e (batch stride t0e_bstride)
-//   backward: E = sqrt(t) sym(G) into t0e, and the partial sum of G o Y over both tiles
-//             into gpart[b * pairs + pair] (Y = Y_N from saved).
+//   backward: E = sqrt(t) sym(G) into t0e, dZ1 = -0.5 E into dz1 (unless nullptr), and
+//             the partial sum of G o Y over both tiles into gpart[b * pairs + pair]
+//             (Y = Y_N from saved).
 // Tiles are read coalesced into shared memory, so both M(i, j) and M(j, i) are at hand.
 template <typename T, bool kBackward>
 __global__ void __launch_bounds__(kPrepThreads)
     sym_prep_kernel(const T* __restrict__ s, const T* __restrict__ g, Mat<T> y,
                     T* __restrict__ t_out, T* __restrict__ a, T* __restrict__ t0e,
-                    int64_t t0e_bstride, T* __restrict__ gpart, int n, int64_t batch) {
+                    int64_t t0e_bstride, T* __restrict__ dz1, T* __restrict__ gpart, int n,
+                    int64_t batch) {
   constexpr int P = kPrepTile;
   __shared__ T su[P][P + 1], sl[P][P + 1];  // S(ti, tj) and S(tj, ti) tiles
   __shared__ T gu[kBackward ? P : 1][P + 1], gl[kBackward ? P : 1][P + 1];
@@ -214,7 +217,9 @@ __global__ void __launch_bounds__(kPrepThreads)
       a[b * nn + static_cast<int64_t>(i) * n + j] = av;
       const int64_t e = b * t0e_bstride + static_cast<int64_t>(i) * n + j;
       if (kBackward) {
-        t0e[e] = root * sym_value(gu_, gl_);
+        const T ev = root * sym_value(gu_, gl_);
+        t0e[e] = ev;
+        if (dz1 != nullptr) dz1[e] = T(-0.5) * ev;
         gy += gu_ * y.p[b * y.bstride + static_cast<int64_t>(i) * n + j];
       } else {
         t0e[e] = T(0.5) * ((i == j ? T(3) : T(0)) - av);
@@ -267,17 +272,16 @@ struct Runner {
 
   static Mat<T> none() { return Mat<T>{nullptr, 0}; }
 
-  // out = a1 P1 Q1 + gamma I (more terms and outputs are set on the returned job).
-  Job<T> job(Mat<T> p1, bool p1_sym, Mat<T> q1, T a1, T gamma, T* out, int64_t out_bstride,
+  // out = alpha P1 Q1 + gamma I (more terms and outputs are set on the returned job).
+  Job<T> job(Mat<T> p1, bool p1_sym, Mat<T> q1, T alpha, T gamma, T* out, int64_t out_bstride,
              bool upper) const {
     Job<T> j{};
     j.p[0] = p1;
     j.q[0] = q1;
-    j.a[0] = a1;
+    j.alpha = alpha;
     j.p_sym[0] = p1_sym;
     j.p[1] = p1;  // unused unless terms == 2
     j.q[1] = q1;
-    j.a[1] = T(0);
     j.p_sym[1] = p1_sym;
     j.terms = 1;
     j.r = none();
@@ -289,10 +293,10 @@ struct Runner {
     j.dot_with = none();
     return j;
   }
-  static Job<T> plus(Job<T> j, Mat<T> p2, bool p2_sym, Mat<T> q2, T a2) {
+  // + alpha P2 Q2 (the same alpha).
+  static Job<T> plus(Job<T> j, Mat<T> p2, bool p2_sym, Mat<T> q2) {
     j.p[1] = p2;
     j.q[1] = q2;
-    j.a[1] = a2;
     j.p_sym[1] = p2_sym;
     j.terms = 2;
     return j;
@@ -371,7 +375,8 @@ cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, 
   auto z_sym = [&](int k) { return mirror_tz || k == 1; };
 
   sym_prep_kernel<T, false><<<run.prep_grid(), kPrepThreads, 0, stream>>>(
-      s, nullptr, Runner<T>::none(), t, a, t0, t0_bstride, nullptr, static_cast<int>(n), batch);
+      s, nullptr, Runner<T>::none(), t, a, t0, t0_bstride, nullptr, nullptr, static_cast<int>(n),
+      batch);
   MPNCOV_TRY(cudaGetLastError());
   // Y_1 = A T0 (the final Y when N = 1, with out = sqrt(t) Y).
   Job<T> y1 = run.job(Mat<T>{a, nn}, true, Mat<T>{t0, t0_bstride}, T(1), T(0), saved, sb, true);
@@ -448,8 +453,10 @@ cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s,
     return 3 + i < sqrtm_backward_matrices(iters) ? m0 + (3 + i) * total : nullptr;
   };
 
+  T* dy[2] = {slot(0), slot(1)};
+  T* dz[2] = {slot(2), slot(3)};  // dz[0] = dZ1 = -0.5 E, written by the prep kernel
   sym_prep_kernel<T, true><<<run.prep_grid(), kPrepThreads, 0, stream>>>(
-      s, grad, y_final, t, a, e, nn, gpart, static_cast<int>(n), batch);
+      s, grad, y_final, t, a, e, nn, dz[0], gpart, static_cast<int>(n), batch);
   MPNCOV_TRY(cudaGetLastError());
 
   // The last product writes dS = dA / t and the partial sums of <dS, A>, not dA.
@@ -463,34 +470,31 @@ cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s,
     j.dot_part = apart;
     return j;
   };
-  T* dy[2] = {slot(0), slot(1)};
-  T* dz[2] = {slot(2), slot(3)};
   // dY1 = 1.5 E - 0.5 (E A + A E)
   Job<T> dy1 = Runner<T>::plus(run.job(W(e), true, W(a), T(-0.5), T(0), dy[0], nn, true), W(a),
-                               true, W(e), T(-0.5));
+                               true, W(e));
   dy1.r = W(e);
   dy1.beta = T(1.5);
   MPNCOV_TRY(run.launch(N == 1 ? last(dy1) : dy1));
   int cy = 0, cz = 0;
   for (int k = 1; k <= N - 1; ++k) {
-    // dT = -0.5 (dZk Yk + Zk dYk); at k = 1, dZ1 = -0.5 E is folded into the coefficient.
-    const Mat<T> dzk = k == 1 ? W(e) : W(dz[cz]);
+    // dT = -0.5 (dZk Yk + Zk dYk)
     const bool dzk_sym = k == 1 || mirror_tz;
     MPNCOV_TRY(run.launch(Runner<T>::plus(
-        run.job(dzk, dzk_sym, Y(k), k == 1 ? T(0.25) : T(-0.5), T(0), dt, nn, mirror_tz), Z(k),
-        z_sym(k), W(dy[cy]), T(-0.5))));
+        run.job(W(dz[cz]), dzk_sym, Y(k), T(-0.5), T(0), dt, nn, mirror_tz), Z(k), z_sym(k),
+        W(dy[cy]))));
     // dY(k+1) = dYk Tk + Yk dT
     Job<T> dyn = Runner<T>::plus(run.job(W(dy[cy]), true, Tm(k), T(1), T(0), dy[1 - cy], nn, true),
-                                 Y(k), true, W(dt), T(1));
+                                 Y(k), true, W(dt));
     if (k == N - 1) {
       MPNCOV_TRY(run.launch(last(dyn)));
     } else {
       // dZ(k+1) = dT Zk + Tk dZk, in the same launch.
-      T* dz_next = k == 1 ? dz[0] : dz[1 - cz];
       MPNCOV_TRY(run.launch_pair(
-          dyn, Runner<T>::plus(run.job(W(dt), mirror_tz, Z(k), T(1), T(0), dz_next, nn, mirror_tz),
-                               Tm(k), mirror_tz, dzk, k == 1 ? T(-0.5) : T(1))));
-      cz = k == 1 ? 0 : 1 - cz;
+          dyn, Runner<T>::plus(run.job(W(dt), mirror_tz, Z(k), T(1), T(0), dz[1 - cz], nn,
+                                       mirror_tz),
+                               Tm(k), mirror_tz, W(dz[cz]))));
+      cz = 1 - cz;
     }
     cy = 1 - cy;
   }

@@ -61,10 +61,11 @@ inline int64_t sqrtm_forward_workspace(int64_t batch, int64_t n, int64_t iters) 
   return sqrtm_scalar_block(batch, 1) + (iters == 1 ? 2 : 1) * batch * n * n;
 }
 
-// Number of n x n scratch matrices of sqrtm_backward: A, GY, dT, then dY, dZ and their
-// ping-pong copies (iters = 2 needs two of them, iters >= 3 four).
+// Number of n x n scratch matrices of sqrtm_backward: A, GY, dT, then dY and its
+// ping-pong copy, dZ1 = -0.5 GY and dZ's ping-pong copy (iters = 1 needs only A and GY,
+// iters = 2 no second dZ).
 inline int64_t sqrtm_backward_matrices(int64_t iters) {
-  return iters == 1 ? 3 : (iters == 2 ? 5 : 7);
+  return iters == 1 ? 3 : (iters == 2 ? 6 : 7);
 }
 
 // Per-sample scalars of sqrtm_backward: t, the partial sums of <G, Y> (one per prep

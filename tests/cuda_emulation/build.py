@@ -73,6 +73,8 @@ def load(out_dir: str | os.PathLike) -> ctypes.CDLL:
         "triuvec_forward": [ptr, ptr, i64, i64],
         "triuvec_backward": [ptr, ptr, i64, i64],
     }
+    lib.emu_launches.argtypes = []
+    lib.emu_launches.restype = ctypes.c_longlong
     for name, args in sig.items():
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"emu_{name}_{suffix}")

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "covpool_kernel.cuh"
+#include "emu_runtime.h"
 #include "sqrtm_kernel.cuh"
 #include "triuvec_kernel.cuh"
 
@@ -86,3 +87,6 @@ MPNCOV_EMU_EXPORT_BOTH(triuvec_forward, (const void* s, void* v, int64_t b, int6
                        (s, v, b, n))
 MPNCOV_EMU_EXPORT_BOTH(triuvec_backward, (const void* g, void* out, int64_t b, int64_t n),
                        (g, out, b, n))
+
+// Kernel launches made so far by the emulated launchers.
+extern "C" long long emu_launches() { return ::emu::launches; }

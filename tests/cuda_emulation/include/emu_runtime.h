@@ -24,6 +24,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define MPNCOV_EMULATION 1
 
 // Vector accesses of the kernels (csrc/cuda/batched_gemm.cuh) must be 16-byte aligned.
 #define MPNCOV_ASSERT_ALIGNED16(p) ::emu::check_aligned16(p, __FILE__, __LINE__)
@@ -57,6 +58,7 @@ inline void check_aligned16(const void* p, const char* file, int line) {
 
 extern dim3 thread_idx, block_idx, block_dim, grid_dim;
 extern cudaError_t last_error;
+extern long long launches;  // kernel launches so far (tests count them per op)
 
 // Barrier of all threads of the running block.
 void sync_block();
@@ -65,6 +67,12 @@ void sync_warp();
 // 32 slots of 16 bytes for the calling thread's warp (shuffle exchange).
 unsigned char* warp_slots();
 int linear_thread();
+
+// cp.async of the calling thread: the copy is deferred to the cp_async_wait that covers
+// its group, and dst holds NaN bytes until then (see csrc/cuda/async_copy.cuh).
+void cp_async(void* dst, const void* src, int bytes);
+void cp_async_commit();
+void cp_async_wait(int pending_groups_allowed);
 
 // Runs body() once per thread of every block of the grid.
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
@@ -78,6 +86,7 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, Kernel* ke
     last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  ++launches;
   run_grid(grid, block, [&] { kernel(args...); });
 }
 
