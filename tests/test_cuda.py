@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("CUDA is not available", allow_module_level=True)
 
 import mpncov  # noqa: E402
+import reference  # noqa: E402
 
 DEV = "cuda"
 F64 = torch.float64
@@ -39,20 +40,11 @@ def ref_covpool(x):
 
 
 def ref_sqrtm(s, iters):
-    # iSQRT of the symmetric part of s, t = tr(s) (t = 0 -> zero output).
-    n = s.shape[-1]
-    eye = torch.eye(n, dtype=s.dtype, device=s.device).expand_as(s)
-    t = s.diagonal(dim1=1, dim2=2).sum(-1)
-    t = torch.where(t == 0, torch.ones_like(t), t)[:, None, None]
-    a = 0.5 * (s + s.transpose(1, 2)) / t
-    t0 = 0.5 * (3 * eye - a)
-    y, z = a @ t0, t0
-    for _ in range(iters - 2):
-        tk = 0.5 * (3 * eye - z @ y)
-        y, z = y @ tk, tk @ z
-    if iters >= 2:
-        y = y @ (0.5 * (3 * eye - z @ y))
-    return t.sqrt() * y
+    """SPEC sqrtm (tests/reference.py) of sym(s) = (s + s^T) / 2, zero where tr(s) = 0."""
+    t = s.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
+    s_sym = torch.where(t == 0, eye, 0.5 * (s + s.transpose(1, 2)))
+    return torch.where(t == 0, torch.zeros_like(s), reference.sqrtm_ref(s_sym, iters))
 
 
 def ref_triuvec(s):

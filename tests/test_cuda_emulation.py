@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import mpncov  # noqa: F401  (registers the CPU ops)
+import reference
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or shutil.which("g++") is None,
@@ -93,28 +94,18 @@ def test_covpool(emu, c, m, offset):
 # ---- sqrtm: the function is iSQRT of sym(S) = (S + S^T)/2, t = tr(S) -----------------------
 
 def ref_sqrtm(s, iters):
-    """float64 reference with plain torch ops: every product full, t = 0 -> zero output."""
+    """float64 SPEC sqrtm (tests/reference.py) of sym(s) = (s + s^T) / 2, 0 where tr(s) = 0."""
     s = s.double()
-    n = s.shape[-1]
-    eye = torch.eye(n, dtype=s.dtype).expand_as(s)
-    t = s.diagonal(dim1=1, dim2=2).sum(-1)
-    t = torch.where(t == 0, torch.ones_like(t), t)[:, None, None]
-    a = 0.5 * (s + s.transpose(1, 2)) / t
-    t0 = 0.5 * (3 * eye - a)
-    y, z = a @ t0, t0
-    for _ in range(iters - 2):
-        tk = 0.5 * (3 * eye - z @ y)
-        y, z = y @ tk, tk @ z
-    if iters >= 2:
-        y = y @ (0.5 * (3 * eye - z @ y))
-    return t.sqrt() * y
+    t = s.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
+    s_sym = torch.where(t == 0, eye, 0.5 * (s + s.transpose(1, 2)))
+    return torch.where(t == 0, torch.zeros_like(s), reference.sqrtm_ref(s_sym, iters))
 
 
 def ref_sqrtm_grad(s, g, iters):
     """dL/dS of ref_sqrtm(S) for L = <G, out>, zero where tr(S) = 0 (the rule for t = 0)."""
     s = s.double().clone().requires_grad_()
     (ds,) = torch.autograd.grad(ref_sqrtm(s, iters), s, g.double())
-    ds[s.detach().diagonal(dim1=1, dim2=2).sum(-1) == 0] = 0
     return ds
 
 
@@ -194,16 +185,8 @@ def test_sqrtm_reads_the_symmetric_part(emu, iters, dtype):
 
 
 def plain_sqrtm(s, iters):
-    """The recurrence with plain torch ops in s's dtype, every product full (sym(S) input)."""
-    eye = torch.eye(s.shape[-1], dtype=s.dtype).expand_as(s)
-    t = s.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
-    a = 0.5 * (s + s.transpose(1, 2)) / t
-    t0 = 0.5 * (3 * eye - a)
-    y, z = a @ t0, t0
-    for _ in range(iters - 2):
-        tk = 0.5 * (3 * eye - z @ y)
-        y, z = y @ tk, tk @ z
-    return t.sqrt() * (y @ (0.5 * (3 * eye - z @ y)))
+    """The recurrence of sym(s) with plain torch ops in s's dtype, every product full."""
+    return reference.sqrtm_ref(0.5 * (s + s.transpose(1, 2)), iters)
 
 
 @pytest.mark.parametrize("iters", [16, 20])
