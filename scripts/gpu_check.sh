@@ -10,7 +10,7 @@
 #                    long mode, CUDA graph replay = eager; kernels and cuBLAS products)
 #   sanitizer.log    compute-sanitizer memcheck, racecheck, synccheck on small shapes
 #   pytest-cuda.log  tests/test_cuda.py
-#   bench.log        the quick CUDA benchmark, three variants: all implementations with
+#   bench.log        the quick CUDA benchmark (fp32), three variants: all implementations with
 #                    mpncov's own kernels; mpncov with cuBLAS products; TF32 allowed
 #                    (mpncov with cuBLAS products, plain autograd)
 #   bench.json       the variants' results.json merged
@@ -149,21 +149,27 @@ bench() {  # bench VARIANT ENV... -- ARGS...
   local envs=()
   while [[ $1 != -- ]]; do envs+=("$1"); shift; done
   shift
+  # MPNCOV_TF32=1: torch.backends.cuda.matmul.allow_tf32 = True inside the benchmark run.
   step "bench-$variant" "$BENCH_BUDGET" "$LOG_DIR/bench.log" env "${envs[@]}" \
-    "$PYTHON" -m benchmarks.run --no-plots --out "$TMP/bench-$variant" "$@"
+    "$PYTHON" -c 'import os, runpy, sys, torch
+torch.backends.cuda.matmul.allow_tf32 = os.environ.get("MPNCOV_TF32") == "1"
+sys.argv = ["benchmarks.run"] + sys.argv[1:]
+runpy.run_module("benchmarks.run", run_name="__main__")' \
+    --no-plots --out "$TMP/bench-$variant" "$@"
 }
 if [[ $DRY_RUN == 1 ]]; then
   BENCH_BUDGET=90
   bench kernels MPNCOV_CUDA_PRODUCTS=kernels -- --smoke --device cpu --impls mpncov,published \
     --ops pipeline --rounds 1
 else
+  # fp32 rows only (mpncov computes in float32 under autocast anyway): ~32 configurations.
   BENCH_BUDGET=110
-  bench kernels MPNCOV_CUDA_PRODUCTS=kernels -- --device cuda --quick --rounds 1
+  bench kernels MPNCOV_CUDA_PRODUCTS=kernels -- --device cuda --quick --rounds 1 --dtypes fp32
   BENCH_BUDGET=45
-  bench cublas MPNCOV_CUDA_PRODUCTS=cublas -- --device cuda --quick --rounds 1 --impls mpncov \
-    --ops sqrtm,pipeline
-  bench tf32 MPNCOV_CUDA_PRODUCTS=cublas TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 -- --device cuda \
-    --quick --rounds 1 --impls mpncov,autograd --ops sqrtm,pipeline
+  bench cublas MPNCOV_CUDA_PRODUCTS=cublas -- --device cuda --quick --rounds 1 --dtypes fp32 \
+    --impls mpncov --ops sqrtm,pipeline
+  bench tf32 MPNCOV_CUDA_PRODUCTS=cublas MPNCOV_TF32=1 -- --device cuda \
+    --quick --rounds 1 --dtypes fp32 --impls mpncov,autograd --ops sqrtm,pipeline
 fi
 "$PYTHON" - "$TMP" "$LOG_DIR/bench.json" <<'PY' >>"$LOG_DIR/bench.log" 2>&1
 import glob, json, os, sys
