@@ -175,7 +175,8 @@ def test_shape_filter_and_preset_sets():
 
 
 @pytest.mark.parametrize("text, names", [
-    ("B=4,C=x", "C='x'"), ("B=4,C=0", "C=0"), ("B=4,K=3", "'K=3'"), ("C=8,M=16", "needs at least B and C"),
+    ("B=4,C=x", "C='x'"), ("B=4,C=0", "C=0"), ("B=4,K=3", "'K=3'"),
+    ("C=8,M=16", "needs at least B and C"),
     (" ; ", "no shape"),
 ])
 def test_bad_shapes_are_named(text, names, capsys):
@@ -187,8 +188,10 @@ def test_bad_shapes_are_named(text, names, capsys):
 
 
 @pytest.mark.parametrize("argv, names", [
-    (["--ops", "covpool,cov"], "unknown op 'cov'"), (["--impls", "mpncov,exact"], "unknown impl 'exact'"),
-    (["--dtypes", "fp8"], "unknown dtype 'fp8'"), (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["--ops", "covpool,cov"], "unknown op 'cov'"),
+    (["--impls", "mpncov,exact"], "unknown impl 'exact'"),
+    (["--dtypes", "fp8"], "unknown dtype 'fp8'"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["--threads", "-1"], "--threads must be >= 1"), (["--min-run-time", "0"], "--min-run-time"),
     (["--ops", ","], "no op given"),
 ])
@@ -226,7 +229,9 @@ def test_smoke_run_writes_outputs(tmp_path, capsys):
             assert r["rel_diff_vs_mpncov"] < 1e-4
     for r in rows:
         if r["impl"] == "mpncov":
-            want = {"published", "autograd"} | ({"eigh"} if r["op"] in ("sqrtm", "pipeline") else set())
+            want = {"published", "autograd"}
+            if r["op"] in ("sqrtm", "pipeline"):
+                want.add("eigh")
             assert set(r["speedup_fwdbwd"]) == want
     with open(tmp_path / "results.csv") as f:
         reader = csv.DictReader(f)
@@ -234,7 +239,8 @@ def test_smoke_run_writes_outputs(tmp_path, capsys):
     assert tuple(reader.fieldnames) == output.CSV_FIELDS
     assert len(csv_rows) == len(rows)
     assert all(float(r["fwdbwd_median_ms"]) > 0 for r in csv_rows)
-    assert all(float(r["speedup_fwdbwd_vs_published"]) > 0 for r in csv_rows if r["impl"] == "mpncov")
+    assert all(float(r["speedup_fwdbwd_vs_published"]) > 0
+               for r in csv_rows if r["impl"] == "mpncov")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -284,7 +290,8 @@ def _source_tree_without_extension(tmp_path):
     for name in ("__init__.py", "run.py"):
         shutil.copy(os.path.join(ROOT, "benchmarks", name), root / "benchmarks" / name)
     (root / "mpncov").mkdir()
-    (root / "mpncov" / "__init__.py").write_text('raise ImportError("the source tree was imported")\n')
+    (root / "mpncov" / "__init__.py").write_text(
+        'raise ImportError("the source tree was imported")\n')
     return root
 
 

@@ -69,7 +69,8 @@ def test_item_progress_lines_off_a_terminal():
     lines = _items(io.StringIO()).splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("[0/2, ") and lines[0].endswith("s] covpool B=2")
-    assert lines[1].startswith("[1/2, ") and ", eta " in lines[1] and lines[1].endswith("s] sqrtm B=2")
+    assert lines[1].startswith("[1/2, ") and ", eta " in lines[1]
+    assert lines[1].endswith("s] sqrtm B=2")
 
 
 def test_item_progress_bar_on_a_terminal():

@@ -75,7 +75,8 @@ def parse_shapes(text: str) -> list:
             if k == "ITERS":
                 k = "N"
             if k not in SHAPE_KEYS or not v.strip():
-                raise ValueError(f"cannot parse {kv.strip()!r} in {part!r} (use B=..,C=..,M=..,N=..)")
+                raise ValueError(f"cannot parse {kv.strip()!r} in {part!r} "
+                                 "(use B=..,C=..,M=..,N=..)")
             try:
                 d[k] = int(v)
             except ValueError:

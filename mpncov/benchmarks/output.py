@@ -72,6 +72,7 @@ def write_outputs(out_dir: Path, env: dict, settings: dict, rows: list, net_rows
     _write_csv(out_dir / "results.csv", CSV_FIELDS, (csv_row(r) for r in rows))
     written = [out_dir / "results.json", out_dir / "results.csv"]
     if net_rows:
-        _write_csv(out_dir / "networks.csv", NETWORK_CSV_FIELDS, (network_csv_row(r) for r in net_rows))
+        _write_csv(out_dir / "networks.csv", NETWORK_CSV_FIELDS,
+                   (network_csv_row(r) for r in net_rows))
         written.append(out_dir / "networks.csv")
     return written

@@ -1,14 +1,15 @@
 """Where the time of one training step of an implementation goes, kernel by kernel.
 
     python -m mpncov.benchmarks.profile_kernels [--impl mpncov] [--shape B=128,C=256,M=196,N=5]
-                                         [--device cuda] [--dtype fp32] [--out FILE.json]
+                                                [--device cuda] [--dtype fp32] [--out FILE.json]
 
 Runs the pipeline forward+backward (the implementations of mpncov.benchmarks.baselines, as
 the benchmark does) a few times under torch.profiler and prints, per device kernel (per
 operator on the CPU): calls and time per step, share of the step, and for the product
 kernels of mpncov's CUDA backend the achieved TFLOP/s of the FLOP model
-(mpncov.benchmarks.flops) against the device's FP32 peak (table there, or --peak-tflops). The product kernels are the ones whose
-name contains "product_kernel" or "covpool" (covpool_kernel, covpool_backward_kernel).
+(mpncov.benchmarks.flops) against the device's FP32 peak (table there, or --peak-tflops).
+The product kernels are the ones whose name contains "product_kernel" or "covpool"
+(covpool_kernel, covpool_backward_kernel).
 """
 from __future__ import annotations
 
