@@ -142,7 +142,10 @@ else
   step pytest-cuda 150 "$LOG_DIR/pytest-cuda.log" "${pytest_cmd[@]}"
 fi
 
-# 6. Benchmark: three variants, results merged into bench.json.
+# 6. Benchmark (python -m mpncov.benchmarks): three variants, each its own process (the
+# product path and TF32 are read when each op runs, so a backward run by autograd after
+# a wrapper returned would not see a setting made inside it), results merged into
+# bench.json.
 bench() {  # bench VARIANT ENV... -- ARGS...
   local variant="$1"
   shift
@@ -153,8 +156,8 @@ bench() {  # bench VARIANT ENV... -- ARGS...
   step "bench-$variant" "$BENCH_BUDGET" "$LOG_DIR/bench.log" env "${envs[@]}" \
     "$PYTHON" -c 'import os, runpy, sys, torch
 torch.backends.cuda.matmul.allow_tf32 = os.environ.get("MPNCOV_TF32") == "1"
-sys.argv = ["benchmarks.run"] + sys.argv[1:]
-runpy.run_module("benchmarks.run", run_name="__main__")' \
+sys.argv = ["mpncov.benchmarks"] + sys.argv[1:]
+runpy.run_module("mpncov.benchmarks", run_name="__main__")' \
     --no-plots --out "$TMP/bench-$variant" "$@"
 }
 if [[ $DRY_RUN == 1 ]]; then
@@ -185,19 +188,17 @@ with open(out, "w") as fh:
 print("bench.json: variants", sorted(merged))
 PY
 
-# 7. Per-kernel profile of a training step of mpncov (~10 s each). --impl is left at its
-# default, mpncov: benchmarks.profile_kernels rejects every explicit --impl value (its
-# `choices` is built from a (names, reasons) pair).
+# 7. Per-kernel profile of a training step of mpncov (~10 s each).
 if [[ $DRY_RUN == 1 ]]; then
-  step profile 60 "$LOG_DIR/profile.log" "$PYTHON" -m benchmarks.profile_kernels --device cpu \
-    --shape B=2,C=8,M=9,N=3 --steps 1
+  step profile 60 "$LOG_DIR/profile.log" "$PYTHON" -m mpncov.benchmarks.profile_kernels \
+    --device cpu --impl mpncov --shape B=2,C=8,M=9,N=3 --steps 1
 else
   IFS=';' read -r -a shapes <<<"$SHAPES"
   for shape in "${shapes[@]}"; do
     for products in kernels cublas; do
       step "profile-$products-${shape//[=,]/}" 30 "$LOG_DIR/profile.log" \
-        env MPNCOV_CUDA_PRODUCTS=$products "$PYTHON" -m benchmarks.profile_kernels \
-        --device cuda --shape "$shape"
+        env MPNCOV_CUDA_PRODUCTS=$products "$PYTHON" -m mpncov.benchmarks.profile_kernels \
+        --device cuda --impl mpncov --shape "$shape"
     done
   done
 fi

@@ -109,15 +109,6 @@ def ref_sqrtm_grad(s, g, iters):
     return ds
 
 
-def cpu_sqrtm_backward(g, s, saved, iters):
-    """The CPU op's gradient of sqrtm(sym(S)), with or without the old symmetric_grad flag
-    (its symmetric_grad=True path is the one that rule R2 keeps)."""
-    op = torch.ops.mpncov.sqrtm_backward.default
-    if len(op._schema.arguments) == 5:
-        return op(g, s, saved, iters, True)
-    return op(g, s, saved, iters)
-
-
 def emu_sqrtm(emu, s, iters):
     b, c, _ = s.shape
     out = nan_filled((b, c, c), s.dtype)
@@ -153,13 +144,15 @@ def test_sqrtm(emu, c, iters, dtype):
     out, saved = emu_sqrtm(emu, s, iters)
     ref_out, ref_saved = torch.ops.mpncov.sqrtm(s, iters)
     close(out, ref_out, dtype)
-    close(saved, ref_saved, dtype)
+    live = [0, 2]  # sample 1 has a zero trace: the CPU op leaves its saved iterates unwritten
+    close(saved[live], ref_saved[live], dtype)
     close(out, ref_sqrtm(s, iters), dtype)
     assert torch.equal(out[1], torch.zeros_like(out[1])), "a zero matrix must give zero"
 
+    # The backward of sqrtm is the gradient of f(sym(S)): the kernels' symmetric mode.
     g = torch.randn(b, c, c, generator=torch.Generator().manual_seed(7), dtype=dtype)
     ds = emu_sqrtm_backward(emu, g, s, saved, iters)
-    close(ds, cpu_sqrtm_backward(g, s, ref_saved, iters), dtype)
+    close(ds, torch.ops.mpncov.sqrtm_backward(g, s, ref_saved, iters), dtype)
     close(ds, ref_sqrtm_grad(s, g, iters), dtype)
     assert torch.equal(ds[1], torch.zeros_like(ds[1])), "zero trace must give zero grad"
     assert torch.equal(ds, ds.transpose(1, 2)), "the gradient must be exactly symmetric"

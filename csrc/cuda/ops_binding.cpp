@@ -4,7 +4,8 @@
 //
 // Dtypes: float32 and float64 are computed natively; float16 and bfloat16 are computed
 // in float32 and the result is cast back to the input dtype (sqrtm's `saved` stays in
-// float32, the compute dtype, and sqrtm_backward reads it in that dtype).
+// the compute dtype, and sqrtm_backward reads it in that dtype). sqrtm with more than
+// kMaxMirroredIters iterations computes float32 in float64 (csrc/limits.h).
 //
 // The stream comes from c10/cuda/CUDAStream.h (the same stream at::cuda::
 // getCurrentCUDAStream returns); ATen/cuda/CUDAContext.h is avoided because it pulls in
@@ -21,6 +22,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "../limits.h"
 #include "aten_products.h"
 #include "covpool_kernel.cuh"
 #include "sqrtm_kernel.cuh"
@@ -62,7 +64,15 @@ void check_square_batch(const Tensor& t, const char* op, const char* name) {
 
 void check_iters(int64_t iters, const char* op) {
   TORCH_CHECK_VALUE(mpncov::cuda::sqrtm_iters_valid(iters), "mpncov.", op,
-                    ": iters must be between 1 and ", mpncov::cuda::kMaxIters, ", got ", iters);
+                    ": iters must be between 1 and ", mpncov::kMaxIters, ", got ", iters);
+}
+
+// sqrtm's compute dtype: compute_dtype, and float32 in float64 beyond kMaxMirroredIters
+// iterations (csrc/limits.h: float32 long runs diverge on rank-deficient input). Its saved
+// iterates have this dtype.
+at::ScalarType sqrtm_compute_dtype(at::ScalarType t, int64_t iters) {
+  const at::ScalarType ct = compute_dtype(t);
+  return (ct == at::kFloat && !mpncov::mirrors_all_products(iters)) ? at::kDouble : ct;
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -155,7 +165,7 @@ std::tuple<Tensor, Tensor> sqrtm_cuda(const Tensor& s, int64_t iters) {
   const int64_t b = s.size(0);
   const int64_t n = s.size(1);
   const c10::cuda::CUDAGuard guard(s.device());
-  const at::ScalarType ct = compute_dtype(s.scalar_type());
+  const at::ScalarType ct = sqrtm_compute_dtype(s.scalar_type(), iters);
   const auto opts = s.options().dtype(ct);
   Tensor out = at::empty({b, n, n}, opts);
   Tensor saved = at::empty({b, mpncov::cuda::sqrtm_saved_slots(iters), n, n}, opts);
@@ -196,7 +206,7 @@ Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& sa
               "mpncov.sqrtm_backward: expected saved of shape (", b, ", ", slots, ", ", n, ", ",
               n, ") for iters = ", iters, ", got ", saved.sizes());
   const c10::cuda::CUDAGuard guard(s.device());
-  const at::ScalarType ct = compute_dtype(s.scalar_type());
+  const at::ScalarType ct = sqrtm_compute_dtype(s.scalar_type(), iters);
   const auto opts = s.options().dtype(ct);
   Tensor ds = at::empty({b, n, n}, opts);
   if (b == 0 || n == 0) return ds.to(s.scalar_type());
@@ -214,13 +224,6 @@ Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& sa
                  "sqrtm_backward");
   });
   return ds.to(s.scalar_type());
-}
-
-// TEMPORARY, until the schema change of csrc/ops.cpp (`symmetric_grad` removed) lands:
-// the flag is ignored, the backward always differentiates sqrtm(sym(S)).
-Tensor sqrtm_backward_cuda_flag(const Tensor& grad, const Tensor& s, const Tensor& saved,
-                                int64_t iters, bool /*symmetric_grad*/) {
-  return sqrtm_backward_cuda(grad, s, saved, iters);
 }
 
 // ---- triuvec ------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ TORCH_LIBRARY_IMPL(mpncov, CUDA, m) {
   m.impl("covpool", &covpool_cuda);
   m.impl("covpool_backward", &covpool_backward_cuda);
   m.impl("sqrtm", &sqrtm_cuda);
-  m.impl("sqrtm_backward", &sqrtm_backward_cuda_flag);
+  m.impl("sqrtm_backward", &sqrtm_backward_cuda);
   m.impl("triuvec", &triuvec_cuda);
   m.impl("triuvec_backward", &triuvec_backward_cuda);
 }

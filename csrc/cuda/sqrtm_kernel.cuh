@@ -16,8 +16,8 @@
 // only; tiny t (denormals) stays finite: everything divides by t, never multiplies by 1/t.
 //
 // Which products are mirrored (only the upper triangle computed, then copied): for
-// iters <= kMaxMirroredIters ("short") all of them. For longer runs ("long") the products
-// giving Tk and Z(k+1) (and in the backward dTk, dZ(k+1)) are computed in full: mirroring
+// iters <= kMaxMirroredIters (csrc/limits.h, "short") all of them. For longer runs
+// ("long") the products giving Tk and Z(k+1) (and in the backward dTk, dZ(k+1)) are computed in full: mirroring
 // them makes the coupled iteration unstable on rank-deficient inputs (their rounding errors
 // grow like 1.5^k in the null space of A); Y-type products stay mirrored.
 //
@@ -29,17 +29,16 @@
 
 #include <cstdint>
 
+#include "../limits.h"  // kMaxIters, kMaxMirroredIters (shared with the CPU side)
+
 namespace mpncov {
 namespace cuda {
 
-// Valid range of iters (the binding rejects others with a message; the launchers return
-// cudaErrorInvalidValue).
-constexpr int64_t kMaxIters = 100;
-// Up to this many iterations every product is mirrored; above it the T / Z products are full.
-constexpr int64_t kMaxMirroredIters = 8;
-
+// Valid range of iters, 1..kMaxIters (the binding rejects others with a message; the
+// launchers return cudaErrorInvalidValue).
 inline bool sqrtm_iters_valid(int64_t iters) { return iters >= 1 && iters <= kMaxIters; }
-inline bool sqrtm_mirrors_tz(int64_t iters) { return iters <= kMaxMirroredIters; }
+// Up to kMaxMirroredIters iterations every product is mirrored; above, T / Z are full.
+inline bool sqrtm_mirrors_tz(int64_t iters) { return mirrors_all_products(iters); }
 
 // Number of n x n matrices per sample in `saved`.
 inline int64_t sqrtm_saved_slots(int64_t iters) { return 3 * (iters - 1) + 1; }

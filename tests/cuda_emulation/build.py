@@ -31,6 +31,8 @@ def build(out_dir: str | os.PathLike, cxx: str | None = None) -> pathlib.Path:
     src = out / "src"
     src.mkdir(parents=True, exist_ok=True)
     units = []
+    # csrc/cuda includes "../limits.h": keep that relative layout.
+    shutil.copy(CUDA_SRC.parent / "limits.h", out / "limits.h")
     for f in sorted(CUDA_SRC.iterdir()):
         if f.suffix == ".cuh":
             shutil.copy(f, src / f.name)
