@@ -247,7 +247,10 @@ template <typename T>
 __device__ __forceinline__ void multiply_slab(T (&acc)[kPerY][kPerX], const Stage<T>& st) {
   const int ra = (static_cast<int>(threadIdx.x) / kDimX) * 4;
   const int cb = (static_cast<int>(threadIdx.x) % kDimX) * 4;
-#pragma unroll
+  // double: its 128 accumulator registers leave no room for the fragments of several k in
+  // flight (unrolled, ptxas spills up to 72 bytes; one k at a time, at most 20).
+  constexpr int kUnrollK = sizeof(T) == 4 ? kSlab : 1;
+#pragma unroll kUnrollK
   for (int k = 0; k < kSlab; ++k) {
     T a[2][4];
     T b[2][4];
