@@ -13,11 +13,12 @@
 // with one bounds-checked scalar path for edge tiles and partial slabs. Two shared
 // buffers alternate: while slab s is multiplied, slab s + 1 is on its way:
 // - an operand whose vectors run along the tile (a symmetric P read as P^T, a row-major
-//   Q: `k_contig` false) is copied by cp.async straight into shared memory (float and
-//   double, sm_80+), no registers held;
-// - an operand whose vectors run along k (P row-major, covpool's Xc^T) must be
-//   transposed: float loads it into registers before the multiply and stores it after;
-//   double, whose 8 x 8 accumulators leave no registers for that, loads it after.
+//   Q, covpool's operands read from Xc^T or Xc: `k_contig` false) is copied by cp.async
+//   straight into shared memory (float and double, sm_80+), no registers held;
+// - an operand whose vectors run along k (a non-symmetric P in row-major order: sqrtm's
+//   T / Z products beyond 8 iterations) must be transposed: float loads it into registers
+//   before the multiply and stores it after; double, whose 8 x 8 accumulators leave no
+//   registers for that, loads it after.
 // A checked slab is loaded after the multiply too (edges only), so its scalar loads never
 // add to the multiply's registers.
 // Every output is a sum over k in increasing order (term by term), the same in every
