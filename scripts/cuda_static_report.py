@@ -11,9 +11,10 @@
    bounds-checked staging path compiled out, nothing else changed) and disassembled with
    cuobjdump. In the slab loop (the loop holding the FMAs) the instructions of the
    cheapest and the costliest path from its head to its back edge are counted by class.
-   The paths differ by run-time operand layout (vectors along the tile or along k, a
-   centring shift): the cheapest is the sqrtm product with symmetric operands, the
-   costliest covpool's (both operands along k, centred).
+   The paths differ by run-time operand layout: operands copied by cp.async (vectors
+   along the tile: symmetric sqrtm operands, covpool's) or staged through registers
+   (vectors along k: a non-symmetric P of sqrtm beyond 8 iterations). A path that stages
+   nothing (the loop's last slab) is not counted.
 
 Writes markdown (default benchmarks/results/static/cuda-kernels.md). --check exits 1 if
 a float kernel spills, a float product kernel has fewer than 12 resident warps per SM, or
@@ -369,9 +370,11 @@ def main() -> int:
         lines += [
             "Compiled with `-DMPNCOV_GEMM_ASSUME_FAST` (the bounds-checked path of edge "
             "slabs removed) and disassembled with `cuobjdump -sass`. Paths from the loop head "
-            "to its back edge: cheapest (operands staged as vectors along the tile, no "
-            "centring: sqrtm with symmetric operands) and costliest (both operands along k "
-            "and centred: covpool's forward). Staging = every instruction but the FMAs and "
+            "to its back edge that stage the next slab: cheapest (both operands copied by "
+            "cp.async: every sqrtm product up to 8 iterations, covpool) and costliest (P "
+            "staged through registers: sqrtm's T / Z products beyond 8 iterations; covpool "
+            "kernels have one layout, so both rows agree). Staging = every instruction but "
+            "the FMAs and "
             "the shared loads feeding them (LDG, STS, integer/address, control, barrier). "
             "FMA share = FMA / all, an upper bound of the FMA pipe's share of issue slots. "
             "double keeps its k loop rolled (8 x 8 double accumulators take 128 registers): "
