@@ -16,9 +16,14 @@
    (vectors along k: a non-symmetric P of sqrtm beyond 8 iterations). A path that stages
    nothing (the loop's last slab) is not counted.
 
+3. The on-chip sqrtm kernels (sqrtm_on_chip.cu, one block per sample): threads, dynamic
+   shared memory and residency at the sides they serve (from the same formulas as
+   sqrtm_on_chip.cuh), and the SASS counts of their k loop (per k).
+
 Writes markdown (default benchmarks/results/static/cuda-kernels.md). --check exits 1 if
-a float kernel spills, a float product kernel has fewer than 12 resident warps per SM, or
-a float product loop path has more than 300 staging instructions per slab. Needs nvcc
+a float kernel spills, a float product kernel has fewer than 12 resident warps per SM,
+a float product loop path has more than 300 staging instructions per slab, or the float
+on-chip kernels do not fit an sm_90 block at C = 128. Needs nvcc
 (NVCC, CUDA_HOME or PATH) and, for part 2, cuobjdump (PATH, CUDA_HOME/bin, or the one in
 triton's package); without cuobjdump part 2 is skipped with a note. Takes about a minute
 on 2 cores.
@@ -55,10 +60,38 @@ SM_LIMITS = {80: (65536, 164 * 1024, 32, 64), 86: (65536, 100 * 1024, 16, 48),
              89: (65536, 100 * 1024, 24, 48), 90: (65536, 228 * 1024, 32, 64)}
 MAX_STAGING = 300
 MIN_WARPS = 12
+# Shared memory one block may opt in to (bytes), per arch.
+MAX_BLOCK_SMEM = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+# The on-chip sqrtm kernels (sqrtm_on_chip.cu): outputs per thread (rows, cols) by dtype,
+# the k loop's unrolling, and the sides reported.
+ON_CHIP_KERNELS = ("on_chip_forward_kernel", "on_chip_backward_kernel")
+ON_CHIP_CELL = {"float": (8, 8), "double": (4, 8)}
+ON_CHIP_UNROLL = {"float": 4, "double": 2}
+ON_CHIP_SIDES = {"float": (32, 64, 100, 128), "double": (32, 64, 90, 96)}
+ON_CHIP_SLAB = 16
+
+
+def on_chip_threads(n: int, dtype: str) -> int:
+    """Threads of an on-chip sqrtm block at side n: one per cell of the upper cover."""
+    r, c = ON_CHIP_CELL[dtype]
+    nr, nc = -(-n // r), -(-n // c)
+    cells = sum(nc - (r * i) // c for i in range(nr))
+    return -(-cells // 32) * 32
+
+
+def on_chip_smem(n: int, dtype: str, backward: bool) -> int:
+    """Dynamic shared memory of an on-chip sqrtm block: three n x p matrices (+ two slabs)."""
+    p = -(-n // 8) * 8
+    size = 4 if dtype == "float" else 8
+    return (3 * n * p + (2 * ON_CHIP_SLAB * p if backward else 0)) * size
 
 
 def is_tile_kernel(mangled: str) -> bool:
     return short_name(mangled).split("<")[0] in TILE_KERNELS
+
+
+def is_on_chip_kernel(mangled: str) -> bool:
+    return short_name(mangled).split("<")[0] in ON_CHIP_KERNELS
 
 
 def find_tool(name: str, env: str | None = None) -> str | None:
@@ -138,6 +171,8 @@ def parse_ptxas(text: str):
 
 def resident_warps(arch: int, regs: int, smem: int, threads: int) -> int:
     reg_file, smem_sm, max_blocks, max_warps = SM_LIMITS.get(arch, SM_LIMITS[80])
+    if smem > MAX_BLOCK_SMEM.get(arch, MAX_BLOCK_SMEM[80]):
+        return 0
     warps = (threads + 31) // 32
     warp_regs = ((max(regs, 1) + 7) // 8 * 8 * 32 + 255) // 256 * 256
     by_regs = (reg_file // warp_regs) // warps
@@ -299,11 +334,27 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         results = list(pool.map(run, jobs))
 
-    resources, loops, failures = [], [], []
+    resources, loops, failures, on_chip, on_chip_loops = [], [], [], [], []
     for (src, arch, extra), cubin, log in results:
         if not extra:
             for name, regs, sst, sld, stack, smem in parse_ptxas(log):
                 sname = short_name(name)
+                if is_on_chip_kernel(name):
+                    dtype = "float" if "<float" in sname else "double"
+                    backward = "backward" in sname
+                    for n in ON_CHIP_SIDES[dtype]:
+                        threads = on_chip_threads(n, dtype)
+                        dyn = on_chip_smem(n, dtype, backward)
+                        warps = resident_warps(arch, regs, smem + dyn, threads)
+                        on_chip.append((sname, arch, n, threads, regs, sst, sld, smem, dyn, warps))
+                        if dtype == "float" and arch == 90 and n == 128 and warps == 0:
+                            failures.append(f"{sname} sm_90: C = 128 does not fit a block")
+                    threads = max(on_chip_threads(n, dtype) for n in ON_CHIP_SIDES[dtype])
+                    if dtype == "float" and (sst or sld):
+                        failures.append(f"{sname} sm_{arch}: spills {sst}/{sld} bytes")
+                    resources.append((src.name, sname, arch, regs, sst, sld, stack, smem,
+                                      threads, resident_warps(arch, regs, smem, threads)))
+                    continue
                 threads = TILE_THREADS if is_tile_kernel(name) else OTHER_THREADS
                 warps = resident_warps(arch, regs, smem, threads)
                 resources.append((src.name, sname, arch, regs, sst, sld, stack, smem, threads,
@@ -317,6 +368,19 @@ def main() -> int:
         sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True,
                               text=True).stdout
         for name, body in sass_functions(sass).items():
+            if is_on_chip_kernel(name):
+                sname = short_name(name)
+                dtype = "float" if "<float" in sname else "double"
+                rows, cols = ON_CHIP_CELL[dtype]
+                per_k = rows * cols
+                paths = loop_paths(body, per_k * ON_CHIP_UNROLL[dtype], require_load=False)
+                if paths is None:
+                    failures.append(f"{sname} sm_{arch}: no k loop found in the SASS")
+                    continue
+                counts = paths[1]
+                ks = max(1, round(counts.get("FMA", 0) / per_k))
+                on_chip_loops.append((sname, arch, ks, {k: v / ks for k, v in counts.items()}))
+                continue
             if not is_tile_kernel(name):
                 continue
             slab_fmas = 16 * 64  # kSlab x 8 x 8 per thread
@@ -391,8 +455,41 @@ def main() -> int:
                 f"{c.get('control', 0) + c.get('BAR', 0):.0f} | "
                 f"{'-' if staging != staging else f'{staging:.0f}'} | "
                 f"{100 * c.get('FMA', 0) / total:.0f} % |")
+    lines += [
+        "", "## On-chip sqrtm kernels (C <= 128, short mode: one block per sample)", "",
+        "Threads = one per cell of the upper-triangle cover (float 8 x 8 outputs, double "
+        "4 x 8), in whole warps; dynamic shared memory = three C x p matrices (p = C rounded "
+        f"up to 8), plus two slabs of {ON_CHIP_SLAB} rows in the backward (the formulas of "
+        "`sqrtm_on_chip.cuh`); warps/SM from registers and static + dynamic shared memory "
+        "(0: the block does not fit this arch's opt-in limit, so that size takes the tiled "
+        "path there). The table of all kernels above lists these kernels at their largest "
+        "block with static shared memory only.",
+        "",
+        "| kernel | arch | C | threads | registers | spill st/ld (B) | smem static + dynamic (B) | blocks/SM | warps/SM |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k, arch, n, threads, regs, sst, sld, smem, dyn, warps in sorted(on_chip):
+        blocks = warps // max(1, threads // 32)
+        lines.append(f"| `{k}` | sm_{arch} | {n} | {threads} | {regs} | {sst}/{sld} | "
+                     f"{smem} + {dyn} | {blocks} | {warps} |")
+    if on_chip_loops:
+        lines += [
+            "", "Their k loop (`cuobjdump -sass`, the unrolled loop of the products, per k and "
+            "thread: float 64 FMA, double 32; every operand is in shared memory, so there is no "
+            "staging in the loop; the backward streams the saved iterates into its slabs "
+            "between the loops):", "",
+            "| kernel | arch | k per loop trip | FMA | LDS | other | control | FMA share |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for k, arch, ks, c in sorted(on_chip_loops):
+            total = sum(c.values())
+            lines.append(f"| `{k}` | sm_{arch} | {ks} | {c.get('FMA', 0):.0f} | "
+                         f"{c.get('LDS', 0):.1f} | {c.get('other', 0):.2f} | "
+                         f"{c.get('control', 0) + c.get('BAR', 0):.2f} | "
+                         f"{100 * c.get('FMA', 0) / total:.0f} % |")
     lines += ["", "Check (`--check`): no float kernel spills, float tile kernels >= "
-              f"{MIN_WARPS} warps/SM, <= {MAX_STAGING} staging instructions per slab: "
+              f"{MIN_WARPS} warps/SM, <= {MAX_STAGING} staging instructions per slab, the float "
+              "on-chip kernels fit an sm_90 block at C = 128: "
               + ("passed." if not failures else "FAILED: " + "; ".join(failures)), ""]
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

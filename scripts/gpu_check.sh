@@ -10,12 +10,14 @@
 #                    long mode, CUDA graph replay = eager; kernels and cuBLAS products)
 #   sanitizer.log    compute-sanitizer memcheck, racecheck, synccheck on small shapes
 #   pytest-cuda.log  tests/test_cuda.py
-#   bench.log        the quick CUDA benchmark (fp32), three variants: all implementations with
-#                    mpncov's own kernels; mpncov with cuBLAS products; TF32 allowed
-#                    (mpncov with cuBLAS products, plain autograd)
+#   bench.log        the quick CUDA benchmark (fp32), four variants: all implementations with
+#                    mpncov's own kernels (sqrtm on chip where C <= 128); mpncov with sqrtm
+#                    tiled (MPNCOV_CUDA_SQRTM=tiled); mpncov with cuBLAS products; TF32
+#                    allowed (mpncov with cuBLAS products, plain autograd)
 #   bench.json       the variants' results.json merged
 #   profile.log      per-kernel profile of a training step, kernels and cuBLAS products,
-#                    at (B=128, C=256, M=196, N=5) and (B=128, C=128, M=784, N=3)
+#                    at (B=128, C=256, M=196, N=5) and (B=128, C=128, M=784, N=3), and
+#                    the latter with sqrtm tiled
 #
 # Usage: bash scripts/gpu_check.sh [LOG_DIR]    (default benchmarks/results/gpu-<date>)
 #   DRY_RUN=1: on a machine without a GPU, run what can run (info, the smoke script on CPU
@@ -174,6 +176,9 @@ else
   # fp32 rows only (mpncov computes in float32 under autocast anyway): ~32 configurations.
   BENCH_BUDGET=110
   bench kernels MPNCOV_CUDA_PRODUCTS=kernels -- --device cuda --quick --rounds 1 --dtypes fp32
+  BENCH_BUDGET=30
+  bench tiled MPNCOV_CUDA_PRODUCTS=kernels MPNCOV_CUDA_SQRTM=tiled -- --device cuda --quick \
+    --rounds 1 --dtypes fp32 --impls mpncov --ops sqrtm,pipeline
   BENCH_BUDGET=45
   bench cublas MPNCOV_CUDA_PRODUCTS=cublas -- --device cuda --quick --rounds 1 --dtypes fp32 \
     --impls mpncov --ops sqrtm,pipeline
@@ -207,6 +212,10 @@ else
         --device cuda --impl mpncov --shape "$shape"
     done
   done
+  # C = 128: sqrtm on chip (above, the default) against its tiled path.
+  step "profile-tiled-${shapes[1]//[=,]/}" 30 "$LOG_DIR/profile.log" \
+    env MPNCOV_CUDA_PRODUCTS=kernels MPNCOV_CUDA_SQRTM=tiled \
+    "$PYTHON" -m mpncov.benchmarks.profile_kernels --device cuda --impl mpncov --shape "${shapes[1]}"
 fi
 
 nfiles=$(find "$LOG_DIR" -type f | wc -l)

@@ -7,8 +7,10 @@ Cases (each compared with the CPU ops, or bitwise with a plain-layout run of the
 CUDA op): odd sizes, a zero-trace sample among normal ones, a storage offset of 1
 (misaligned data), channels_last input, an expanded (stride-0) gradient, B above 65535
 (more samples than gridDim.y), long mode (iters > 8), a CUDA graph replay equal to eager,
-and both product paths (MPNCOV_CUDA_PRODUCTS = kernels, cublas). Prints one line per
-case and exits non-zero if any failed.
+sqrtm on chip against the tiled path (MPNCOV_CUDA_SQRTM), and both product paths
+(MPNCOV_CUDA_PRODUCTS = kernels, cublas). With the default MPNCOV_CUDA_SQRTM=auto every
+case with C <= 128 and iters <= 8 runs sqrtm on chip. Prints one line per case and exits
+non-zero if any failed.
 
 --quick: the small shapes only (for compute-sanitizer, which slows kernels ~100x).
 --dry-run: run every case with CPU tensors in place of CUDA ones (checks the script
@@ -153,8 +155,35 @@ def case_graph_replay(dev, quick):
     assert torch.equal(out, eager[0]) and torch.equal(dx, eager[1]), "graph replay != eager"
 
 
+def case_sqrtm_paths(dev, quick):
+    """sqrtm on chip (MPNCOV_CUDA_SQRTM=auto) against the tiled path, C <= 128 short mode,
+    with a zero-trace sample; says whether the forward bits agree."""
+    if os.environ.get("MPNCOV_CUDA_PRODUCTS") == "cublas":
+        return "skipped (cuBLAS products)"
+    notes = []
+    for c, n in [(5, 3), (33, 5)] + ([] if quick else [(100, 5), (128, 5), (128, 8)]):
+        for dtype, tol in ((torch.float32, 1e-5), (F64, 1e-12)):
+            s = torch.randn(3, c, c + 4, generator=gen(c), dtype=F64)
+            s = (s @ s.transpose(1, 2) / (c + 4)).to(dev, dtype)
+            s[1] = 0
+            g = torch.randn(3, c, c, generator=gen(n), dtype=F64).to(dev, dtype)
+            res = {}
+            for path in ("tiled", "auto"):
+                os.environ["MPNCOV_CUDA_SQRTM"] = path
+                out, saved = torch.ops.mpncov.sqrtm(s, n)
+                res[path] = (out, torch.ops.mpncov.sqrtm_backward(g, s, saved, n))
+            os.environ["MPNCOV_CUDA_SQRTM"] = "auto"
+            check_close(res["auto"][0], res["tiled"][0], tol, f"sqrtm C={c} {dtype} on chip")
+            check_close(res["auto"][1], res["tiled"][1], tol * 10, f"grad C={c} {dtype} on chip")
+            assert torch.equal(res["auto"][1][1], torch.zeros_like(res["auto"][1][1]))
+            if dtype == torch.float32:
+                notes.append(f"C={c}:{'=' if torch.equal(res['auto'][0], res['tiled'][0]) else '~'}")
+    return "forward bits on chip vs tiled: " + " ".join(notes)
+
+
 CASES = [case_odd_sizes, case_zero_trace, case_storage_offset, case_channels_last,
-         case_expanded_grad, case_large_batch, case_long_mode, case_graph_replay]
+         case_expanded_grad, case_large_batch, case_long_mode, case_graph_replay,
+         case_sqrtm_paths]
 
 
 def main() -> int:

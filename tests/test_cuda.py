@@ -483,3 +483,83 @@ def test_products_env_value_checked(monkeypatch):
     monkeypatch.setenv("MPNCOV_CUDA_PRODUCTS", "fast")
     with pytest.raises(ValueError, match="MPNCOV_CUDA_PRODUCTS must be 'kernels' or 'cublas'"):
         mpncov.covpool(torch.randn(2, 3, 4, device=DEV))
+
+
+# ---- sqrtm on chip (MPNCOV_CUDA_SQRTM=auto|tiled|onchip) ----------------------------------
+
+def _on_chip_fits(c, iters, dtype, backward):
+    """The rule of sqrtm_on_chip.cuh: short mode, C <= 128, shared memory within the device's
+    opt-in limit (three C x p matrices, p = C rounded up to 8, + two 16-row slabs backward)."""
+    p = (c + 7) // 8 * 8
+    size = 4 if dtype == torch.float32 else 8
+    need = (3 * c * p + (32 * p if backward else 0)) * size + 33 * size
+    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    return iters <= 8 and c <= 128 and need <= optin
+
+
+def _sqrtm_step(s, g, iters):
+    out, saved = torch.ops.mpncov.sqrtm(s, iters)
+    return out, saved, torch.ops.mpncov.sqrtm_backward(g, s, saved, iters)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c,iters", [(1, 1), (5, 3), (31, 5), (32, 2), (33, 8), (64, 5),
+                                     (100, 3), (127, 5), (128, 5), (128, 9)])
+def test_sqrtm_on_chip_matches_tiled(c, iters, dtype, monkeypatch):
+    s = spd(3, c, seed=40 + c, dtype=dtype).to(DEV)
+    s = 0.5 * (s + s.transpose(1, 2))
+    s[1] = 0
+    g = torch.randn(3, c, c, generator=gen(41), dtype=F64).to(DEV, dtype)
+    monkeypatch.setenv("MPNCOV_CUDA_SQRTM", "tiled")
+    tiled = _sqrtm_step(s, g, iters)
+    compute = F64 if iters > 8 else dtype
+    fits_fwd = _on_chip_fits(c, iters, compute, False)
+    fits_bwd = _on_chip_fits(c, iters, compute, True)
+    monkeypatch.setenv("MPNCOV_CUDA_SQRTM", "onchip")
+    if not fits_fwd:
+        with pytest.raises(RuntimeError, match="MPNCOV_CUDA_SQRTM=onchip"):
+            torch.ops.mpncov.sqrtm(s, iters)
+    monkeypatch.setenv("MPNCOV_CUDA_SQRTM", "auto")
+    auto = _sqrtm_step(s, g, iters)
+    # The same function: forward to the last bits (the same sums in the same order; only
+    # the compiler's FMA contraction could differ), backward to rounding.
+    assert_rel(auto[0], tiled[0], TOL[dtype] / 10, "on chip vs tiled forward")
+    assert_rel(auto[1][[0, 2]], tiled[1][[0, 2]], TOL[dtype] / 10, "on chip vs tiled saved")
+    assert_rel(auto[2], tiled[2], GRAD_TOL[dtype] / 10, "on chip vs tiled backward")
+    assert torch.equal(auto[2], auto[2].transpose(1, 2))
+    assert torch.equal(auto[0][1], torch.zeros_like(auto[0][1]))
+    assert torch.equal(auto[2][1], torch.zeros_like(auto[2][1]))
+    assert_rel(auto[0], ref_sqrtm(s.double().cpu(), iters), TOL[dtype], "on chip vs reference")
+    ref = grad_of(lambda a: ref_sqrtm(a, iters), s.double().cpu(), g.double().cpu())
+    assert_rel(auto[2], ref, GRAD_TOL[dtype], "on chip gradient vs reference")
+    # A forward of one path and a backward of the other: the saved layout is shared.
+    monkeypatch.setenv("MPNCOV_CUDA_SQRTM", "tiled")
+    mixed = torch.ops.mpncov.sqrtm_backward(g, s, auto[1], iters)
+    assert_rel(mixed, auto[2], GRAD_TOL[dtype] / 10, "on-chip forward, tiled backward")
+    print(f"C={c} iters={iters} {dtype}: on chip fwd/bwd {fits_fwd}/{fits_bwd}, forward "
+          f"bitwise = tiled: {torch.equal(auto[0], tiled[0])}")
+
+
+def test_sqrtm_path_env_value_checked(monkeypatch):
+    s = spd(2, 5).float().to(DEV)
+    monkeypatch.setenv("MPNCOV_CUDA_SQRTM", "fast")
+    with pytest.raises(ValueError, match="MPNCOV_CUDA_SQRTM must be 'auto', 'tiled' or 'onchip'"):
+        torch.ops.mpncov.sqrtm(s, 3)
+    monkeypatch.setenv("MPNCOV_CUDA_SQRTM", "onchip")
+    with pytest.raises(RuntimeError, match="does not serve C = 129"):
+        torch.ops.mpncov.sqrtm(spd(2, 129).float().to(DEV), 3)
+
+
+def test_sqrtm_on_chip_bitwise_deterministic_and_stream(monkeypatch):
+    monkeypatch.setenv("MPNCOV_CUDA_SQRTM", "auto")
+    s = spd(200, 128, seed=42).float().to(DEV)  # more samples than SMs
+    g = torch.randn(200, 128, 128, generator=gen(43)).to(DEV)
+    first = _sqrtm_step(s, g, 5)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(10_000_000)  # a kernel on the wrong stream would race
+        again = _sqrtm_step(s, g, 5)
+    torch.cuda.current_stream().wait_stream(stream)
+    for a, b in zip(again, first):
+        assert torch.equal(a, b)

@@ -109,18 +109,22 @@ def ref_sqrtm_grad(s, g, iters):
     return ds
 
 
-def emu_sqrtm(emu, s, iters):
+# The `path` argument of the emulated sqrtm launchers (tests/cuda_emulation/emu_api.cpp).
+TILED, AUTO, ON_CHIP = 0, 1, 2
+
+
+def emu_sqrtm(emu, s, iters, path=AUTO):
     b, c, _ = s.shape
     out = nan_filled((b, c, c), s.dtype)
     saved = nan_filled((b, 3 * (iters - 1) + 1, c, c), s.dtype)
-    call(emu, "sqrtm_forward", s.dtype, s, out, saved, b, c, iters)
+    call(emu, "sqrtm_forward", s.dtype, s, out, saved, b, c, iters, path)
     return out, saved
 
 
-def emu_sqrtm_backward(emu, g, s, saved, iters):
+def emu_sqrtm_backward(emu, g, s, saved, iters, path=AUTO):
     b, c, _ = s.shape
     ds = nan_filled((b, c, c), s.dtype)
-    call(emu, "sqrtm_backward", s.dtype, g, s, saved, ds, b, c, iters)
+    call(emu, "sqrtm_backward", s.dtype, g, s, saved, ds, b, c, iters, path)
     return ds
 
 
@@ -137,11 +141,12 @@ SQRTM_CASES += [(17, 5, torch.float32), (65, 3, torch.float32), (65, 10, torch.f
                 (128, 9, torch.float32)]
 
 
+@pytest.mark.parametrize("path", [TILED, AUTO])
 @pytest.mark.parametrize("c,iters,dtype", SQRTM_CASES)
-def test_sqrtm(emu, c, iters, dtype):
+def test_sqrtm(emu, c, iters, dtype, path):
     b = 3
     s = symmetric(spd_batch(b, c, dtype, zero_sample=1, seed=c + iters))
-    out, saved = emu_sqrtm(emu, s, iters)
+    out, saved = emu_sqrtm(emu, s, iters, path)
     ref_out, ref_saved = torch.ops.mpncov.sqrtm(s, iters)
     close(out, ref_out, dtype)
     live = [0, 2]  # sample 1 has a zero trace: the CPU op leaves its saved iterates unwritten
@@ -151,7 +156,7 @@ def test_sqrtm(emu, c, iters, dtype):
 
     # The backward of sqrtm is the gradient of f(sym(S)): the kernels' symmetric mode.
     g = torch.randn(b, c, c, generator=torch.Generator().manual_seed(7), dtype=dtype)
-    ds = emu_sqrtm_backward(emu, g, s, saved, iters)
+    ds = emu_sqrtm_backward(emu, g, s, saved, iters, path)
     close(ds, torch.ops.mpncov.sqrtm_backward(g, s, ref_saved, iters), dtype)
     close(ds, ref_sqrtm_grad(s, g, iters), dtype)
     assert torch.equal(ds[1], torch.zeros_like(ds[1])), "zero trace must give zero grad"
@@ -161,6 +166,7 @@ def test_sqrtm(emu, c, iters, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("iters", [3, 10])
 def test_sqrtm_reads_the_symmetric_part(emu, iters, dtype):
+    # c = 70: iters = 3 runs on chip, iters = 10 (long mode) tiled.
     b, c = 2, 70
     g = torch.Generator().manual_seed(iters)
     skew = torch.randn(b, c, c, generator=g, dtype=torch.float64)
@@ -209,22 +215,24 @@ def test_sqrtm_long_mode_rank_deficient_float32(emu, iters):
     assert err(ds, ref_ds) <= 4 * err(plain_ds, ref_ds) + 1e-6
 
 
+@pytest.mark.parametrize("path", [TILED, AUTO])
 @pytest.mark.parametrize("iters", [5, 11])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sqrtm_trace_rules(emu, dtype, iters):
+def test_sqrtm_trace_rules(emu, dtype, iters, path):
     # Samples: SPD, zero (t = 0), negative definite (t < 0), SPD scaled into denormals.
+    # AUTO runs iters = 5 on chip.
     c = 9
     base = symmetric(spd_batch(1, c, torch.float64, seed=5))[0]
     tiny_exp = -130 if dtype == torch.float32 else -1030  # t below the smallest normal
     s = torch.stack([base, torch.zeros_like(base), -base, base * 2.0 ** tiny_exp]).to(dtype)
     g = torch.randn(4, c, c, generator=torch.Generator().manual_seed(2), dtype=dtype)
-    out, saved = emu_sqrtm(emu, s, iters)
-    ds = emu_sqrtm_backward(emu, g, s, saved, iters)
+    out, saved = emu_sqrtm(emu, s, iters, path)
+    ds = emu_sqrtm_backward(emu, g, s, saved, iters, path)
     # One bad sample does not touch the others: sample 0 alone gives the same bits.
-    out0, saved0 = emu_sqrtm(emu, s[:1].contiguous(), iters)
+    out0, saved0 = emu_sqrtm(emu, s[:1].contiguous(), iters, path)
     assert torch.equal(out[:1], out0)
     assert torch.equal(ds[:1], emu_sqrtm_backward(emu, g[:1].contiguous(), s[:1].contiguous(),
-                                                  saved0, iters))
+                                                  saved0, iters, path))
     assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(
         ds[1], torch.zeros_like(ds[1])), "t = 0: zero output and zero gradient"
     assert torch.isnan(out[2]).all() and torch.isnan(ds[2]).all(), (
@@ -239,7 +247,8 @@ def test_sqrtm_trace_rules(emu, dtype, iters):
     assert ((ds[3].double() - ref_ds).abs().max() / ref_ds.abs().max()).item() < 1e-3
 
 
-def test_sqrtm_misaligned_buffers(emu):
+@pytest.mark.parametrize("path", [TILED, ON_CHIP])
+def test_sqrtm_misaligned_buffers(emu, path):
     # Every buffer one element past a 16-byte boundary: the kernels must take their scalar
     # paths (the emulation aborts on a misaligned vector access, as a GPU faults) and give
     # the same bits as with aligned buffers.
@@ -247,31 +256,130 @@ def test_sqrtm_misaligned_buffers(emu):
     dtype = torch.float32
     s = symmetric(spd_batch(b, c, dtype, seed=4))
     g = torch.randn(b, c, c, generator=torch.Generator().manual_seed(3), dtype=dtype)
-    out, saved = emu_sqrtm(emu, s, iters)
-    ds = emu_sqrtm_backward(emu, g, s, saved, iters)
+    out, saved = emu_sqrtm(emu, s, iters, path)
+    ds = emu_sqrtm_backward(emu, g, s, saved, iters, path)
     out_m = misaligned(nan_filled(out.shape, dtype))
     saved_m = misaligned(nan_filled(saved.shape, dtype))
-    call(emu, "sqrtm_forward", dtype, misaligned(s), out_m, saved_m, b, c, iters)
+    call(emu, "sqrtm_forward", dtype, misaligned(s), out_m, saved_m, b, c, iters, path)
     assert torch.equal(out_m, out) and torch.equal(saved_m, saved)
     ds_m = misaligned(nan_filled(ds.shape, dtype))
-    call(emu, "sqrtm_backward", dtype, misaligned(g), misaligned(s), saved_m, ds_m, b, c, iters)
+    call(emu, "sqrtm_backward", dtype, misaligned(g), misaligned(s), saved_m, ds_m, b, c, iters,
+         path)
     assert torch.equal(ds_m, ds)
 
 
+@pytest.mark.parametrize("path", [TILED, ON_CHIP])
 @pytest.mark.parametrize("iters", [0, -1, 101])
-def test_sqrtm_refuses_iters_out_of_range(emu, iters):
+def test_sqrtm_refuses_iters_out_of_range(emu, iters, path):
     s = torch.eye(3, dtype=torch.float64)[None].contiguous()
     out, saved = nan_filled((1, 3, 3), s.dtype), nan_filled((1, 1, 3, 3), s.dtype)
     assert emu.emu_sqrtm_forward_f64(s.data_ptr(), out.data_ptr(), saved.data_ptr(), 1, 3,
-                                     iters) != 0
+                                     iters, path) != 0
     assert emu.emu_sqrtm_backward_f64(s.data_ptr(), s.data_ptr(), saved.data_ptr(),
-                                      out.data_ptr(), 1, 3, iters) != 0
+                                      out.data_ptr(), 1, 3, iters, path) != 0
 
 
 def test_sqrtm_accepts_100_iters(emu):
     s = symmetric(spd_batch(1, 3, torch.float64, seed=1))
     out, saved = emu_sqrtm(emu, s, 100)
     close(out, ref_sqrtm(s, 100), torch.float64)
+
+
+# ---- sqrtm on chip: n <= 128, short mode, one block per sample ------------------------------
+
+ON_CHIP_SIDES = [1, 5, 31, 32, 33, 64, 100, 127, 128]
+
+
+def off_diagonal(m):
+    return m[:, ~torch.eye(m.shape[-1], dtype=torch.bool)]
+
+
+@pytest.mark.parametrize("iters", [1, 2, 5, 8, 9])
+@pytest.mark.parametrize("c", ON_CHIP_SIDES)
+def test_sqrtm_on_chip(emu, c, iters):
+    # float32; samples: SPD, zero trace, negative trace (indefinite), SPD. Short mode
+    # (iters <= 8) runs on chip, long mode (9) must be refused by the on-chip launcher and
+    # take the tiled path under AUTO.
+    dtype = torch.float32
+    base = symmetric(spd_batch(2, c, torch.float64, seed=c + iters))
+    s = torch.stack([base[0], torch.zeros_like(base[0]), -base[1], base[1]]).to(dtype)
+    g = torch.randn(4, c, c, generator=torch.Generator().manual_seed(c), dtype=dtype)
+    if iters > 8:
+        out, saved = nan_filled((4, c, c), dtype), nan_filled((4, 3 * iters - 2, c, c), dtype)
+        fn = emu.emu_sqrtm_forward_f32
+        assert fn(s.data_ptr(), out.data_ptr(), saved.data_ptr(), 4, c, iters, ON_CHIP) != 0
+        assert launches(emu, emu_sqrtm, emu, s, iters, AUTO) == 2 * iters
+        return
+    before = emu.emu_launches()
+    out, saved = emu_sqrtm(emu, s, iters, ON_CHIP)
+    ds = emu_sqrtm_backward(emu, g, s, saved, iters, ON_CHIP)
+    assert emu.emu_launches() - before == 2, "one launch per op"
+    assert launches(emu, emu_sqrtm, emu, s, iters, AUTO) == 1, "AUTO takes the on-chip path"
+    # Against the CPU ops and the float64 recurrence.
+    ref_out, ref_saved = torch.ops.mpncov.sqrtm(s, iters)
+    live = [0, 3]
+    close(out[live], ref_out[live], dtype)
+    close(saved[live], ref_saved[live], dtype)
+    close(ds[live], torch.ops.mpncov.sqrtm_backward(g, s, ref_saved, iters)[live], dtype)
+    close(ds[live], ref_sqrtm_grad(s[live], g[live], iters), dtype)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.equal(
+        ds[1], torch.zeros_like(ds[1])), "t = 0: zero output and zero gradient"
+    assert torch.isnan(out[2]).all() and torch.isnan(ds[2]).all(), "t < 0: NaN"
+    assert torch.equal(ds[live], ds[live].transpose(1, 2)), "the gradient must be symmetric"
+    # The tiled path: the same forward bits (trace and products summed in the same order);
+    # the backward's off-diagonal bits too (its diagonal term sums <G, Y> and <dS, A> in
+    # another order).
+    t_out, t_saved = emu_sqrtm(emu, s, iters, TILED)
+    assert torch.equal(out[[0, 1, 3]], t_out[[0, 1, 3]]) and torch.isnan(t_out[2]).all()
+    assert torch.equal(saved, t_saved)
+    t_ds = emu_sqrtm_backward(emu, g, s, saved, iters, TILED)
+    assert torch.equal(off_diagonal(ds[live]), off_diagonal(t_ds[live]))
+    close(ds[live], t_ds[live], dtype)
+
+
+@pytest.mark.parametrize("c,iters", [(5, 3), (64, 5), (90, 2)])
+def test_sqrtm_on_chip_float64(emu, c, iters):
+    dtype = torch.float64
+    s = symmetric(spd_batch(2, c, dtype, zero_sample=1, seed=c))
+    g = torch.randn(2, c, c, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    out, saved = emu_sqrtm(emu, s, iters, ON_CHIP)
+    ds = emu_sqrtm_backward(emu, g, s, saved, iters, ON_CHIP)
+    ref_out, ref_saved = torch.ops.mpncov.sqrtm(s, iters)
+    close(out, ref_out, dtype)
+    close(ds[:1], ref_sqrtm_grad(s[:1], g[:1], iters), dtype)
+    assert torch.equal(ds[1], torch.zeros_like(ds[1]))
+    t_out, t_saved = emu_sqrtm(emu, s, iters, TILED)
+    assert torch.equal(out, t_out) and torch.equal(saved, t_saved)
+
+
+def test_sqrtm_on_chip_shared_memory_limits(emu):
+    # The on-chip kernels run where their shared memory fits the device's opt-in limit:
+    # float32 forward 3 n p 4 bytes, backward (3 n + 32) p 4 (p = n rounded up to 8).
+    # H100/H200 (227 KB): float32 up to n = 128; float64 forward to 96, backward to 90.
+    # A100 (163 KB): float32 forward to 115, backward to 112. Elsewhere AUTO is tiled.
+    def runs_on_chip(c, dtype, backward):
+        s = symmetric(spd_batch(1, c, dtype, seed=2))
+        out, saved = emu_sqrtm(emu, s, 2, TILED)
+        if backward:
+            n = launches(emu, emu_sqrtm_backward, emu, s, s, saved, 2, AUTO)
+            return n == 1
+        return launches(emu, emu_sqrtm, emu, s, 2, AUTO) == 1
+
+    f32, f64 = torch.float32, torch.float64
+    assert runs_on_chip(128, f32, False) and runs_on_chip(128, f32, True)
+    assert runs_on_chip(96, f64, False) and not runs_on_chip(97, f64, False)
+    assert runs_on_chip(90, f64, True) and not runs_on_chip(91, f64, True)
+    assert not runs_on_chip(129, f32, False) and not runs_on_chip(129, f32, True)
+    previous = emu.emu_set_shared_optin(163 * 1024)
+    try:
+        assert runs_on_chip(115, f32, False) and not runs_on_chip(116, f32, False)
+        assert runs_on_chip(112, f32, True) and not runs_on_chip(113, f32, True)
+        s = symmetric(spd_batch(1, 128, f32, seed=3))
+        out, saved = nan_filled((1, 128, 128), f32), nan_filled((1, 4, 128, 128), f32)
+        assert emu.emu_sqrtm_forward_f32(s.data_ptr(), out.data_ptr(), saved.data_ptr(), 1, 128,
+                                         2, ON_CHIP) != 0, "the launcher refuses what does not fit"
+    finally:
+        emu.emu_set_shared_optin(previous)
 
 
 def launches(emu, fn, *args):
@@ -282,17 +390,21 @@ def launches(emu, fn, *args):
 
 @pytest.mark.parametrize("iters", [1, 2, 5, 9])
 def test_launches_per_op(emu, iters):
-    # forward: prep + Y1 + (N-1) x (T_k + one launch for the pair Y_{k+1}, Z_{k+1}), the
-    # output written by the last product; backward: prep + dY1 + (N-1) x (dT + the pair
+    # Tiled: forward: prep + Y1 + (N-1) x (T_k + one launch for the pair Y_{k+1}, Z_{k+1}),
+    # the output written by the last product; backward: prep + dY1 + (N-1) x (dT + the pair
     # dY, dZ) + the diagonal term. At N = 5: 10 + 11, against 15 + 17 before the fusion.
+    # On chip (short mode): one launch each.
     b, c, m = 2, 20, 9
     dtype = torch.float32
     s = symmetric(spd_batch(b, c, dtype, seed=1))
     saved = nan_filled((b, 3 * (iters - 1) + 1, c, c), dtype)
     out = nan_filled((b, c, c), dtype)
-    fwd = launches(emu, call, emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters)
-    bwd = launches(emu, call, emu, "sqrtm_backward", dtype, s, s, saved, out, b, c, iters)
+    fwd = launches(emu, call, emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters, TILED)
+    bwd = launches(emu, call, emu, "sqrtm_backward", dtype, s, s, saved, out, b, c, iters, TILED)
     assert (fwd, bwd) == (2 * iters, 2 * iters + 1)
+    fwd = launches(emu, call, emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters, AUTO)
+    bwd = launches(emu, call, emu, "sqrtm_backward", dtype, s, s, saved, out, b, c, iters, AUTO)
+    assert (fwd, bwd) == ((1, 1) if iters <= 8 else (2 * iters, 2 * iters + 1))
     x = torch.randn(b, c, m, dtype=dtype)
     assert launches(emu, call, emu, "covpool_forward", dtype, x, out, b, c, m) == 2
     dx = nan_filled((b, c, m), dtype)

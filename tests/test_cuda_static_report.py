@@ -68,3 +68,24 @@ def test_loop_paths_take_both_branches_and_require_staging():
     assert cheap == {"LDG": 1, "control": 3, "STS": 1, "FMA": 2, "BAR": 1}
     assert costly["STS"] == 2 and costly["FMA"] == 2 and costly["LDG"] == 1
     assert report.loop_paths(body, 3) is None  # no loop with 3 FMAs
+
+
+def test_on_chip_geometry_matches_the_kernels():
+    # The report's copy of sqrtm_on_chip.cuh's formulas: 136 cells of 8 x 8 at C = 128
+    # (160 threads); the largest sides whose blocks fit an opt-in limit are the ones the
+    # emulated launcher accepts (test_cuda_emulation.py::test_sqrtm_on_chip_shared_memory_limits).
+    assert report.on_chip_threads(128, "float") == 160
+    assert report.on_chip_threads(96, "double") == 160
+    assert report.on_chip_threads(5, "float") == 32
+    assert report.on_chip_smem(128, "float", False) == 3 * 128 * 128 * 4
+    assert report.on_chip_smem(128, "float", True) == (3 * 128 + 32) * 128 * 4
+
+    def largest(dtype, backward, limit):
+        scratch = 33 * (4 if dtype == "float" else 8)
+        return max(n for n in range(1, 129)
+                   if report.on_chip_smem(n, dtype, backward) + scratch <= limit)
+
+    assert (largest("float", False, 163 * 1024), largest("float", True, 163 * 1024)) == (115, 112)
+    assert (largest("double", False, 227 * 1024), largest("double", True, 227 * 1024)) == (96, 90)
+    assert report.resident_warps(90, 168, 144 + report.on_chip_smem(128, "float", True), 160) == 5
+    assert report.resident_warps(80, 168, 144 + report.on_chip_smem(128, "float", False), 160) == 0

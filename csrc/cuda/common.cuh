@@ -31,6 +31,14 @@ inline unsigned int elementwise_blocks(int64_t total) {
 // Sizes the kernels index with int (matrix sides, M). Larger ones are refused.
 inline bool fits_int(int64_t v) { return v >= 0 && v <= INT_MAX; }
 
+// The block's dynamic shared memory (the size given at launch), 16-byte aligned, as a
+// byte array `name`. The CUDA emulation of the tests hands out a NaN-filled buffer.
+#if defined(MPNCOV_EMULATION)
+#define MPNCOV_DYNAMIC_SHARED(name) unsigned char* name = ::emu::dynamic_shared()
+#else
+#define MPNCOV_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 // Square root for either precision (IEEE-rounded, no fast-math).
 __device__ __forceinline__ float dev_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double dev_sqrt(double x) { return sqrt(x); }
@@ -51,6 +59,15 @@ __device__ __forceinline__ MatrixIndex matrix_index(int64_t idx, int n) {
 template <typename T>
 __device__ __forceinline__ T safe_trace(T t) {
   return t == T(0) ? T(1) : t;
+}
+
+// Element (i, j) of the symmetric part of a matrix: u = M(i, j), l = M(j, i); exactly
+// symmetric (addition commutes), and u itself where u == l (also when u + l would
+// overflow). Every sqrtm kernel reads its input through this, so all paths compute the
+// same function of a non-symmetric input.
+template <typename T>
+__device__ __forceinline__ T sym_value(T u, T l) {
+  return u == l ? u : T(0.5) * (u + l);
 }
 
 // Sum of v over the block; every thread gets the result. blockDim.x must be a multiple

@@ -26,6 +26,7 @@
 #include "aten_products.h"
 #include "covpool_kernel.cuh"
 #include "sqrtm_kernel.cuh"
+#include "sqrtm_on_chip.cuh"
 #include "triuvec_kernel.cuh"
 
 namespace {
@@ -90,6 +91,32 @@ bool use_cublas_products() {
   TORCH_CHECK_VALUE(std::strcmp(v, "cublas") == 0,
                     "mpncov: MPNCOV_CUDA_PRODUCTS must be 'kernels' or 'cublas', got '", v, "'");
   return true;
+}
+
+// MPNCOV_CUDA_SQRTM (read at every call): "auto" (default) runs sqrtm's hand-written
+// kernels on chip where that path serves the call (n <= 128, iters <= 8, its shared memory
+// within the device's limit: sqrtm_on_chip.cuh) and tiled elsewhere; "tiled" always runs
+// the tiled path; "onchip" requires the on-chip path (an error where it does not serve),
+// so that one GPU run can time both.
+template <typename T>
+mpncov::cuda::SqrtmPath sqrtm_path_of_call(int64_t n, int64_t iters, bool backward,
+                                           const char* op) {
+  using mpncov::cuda::SqrtmPath;
+  const char* v = std::getenv("MPNCOV_CUDA_SQRTM");
+  const bool tiled = v != nullptr && std::strcmp(v, "tiled") == 0;
+  const bool required = v != nullptr && std::strcmp(v, "onchip") == 0;
+  TORCH_CHECK_VALUE(v == nullptr || *v == '\0' || tiled || required || std::strcmp(v, "auto") == 0,
+                    "mpncov: MPNCOV_CUDA_SQRTM must be 'auto', 'tiled' or 'onchip', got '", v,
+                    "'");
+  const SqrtmPath path = mpncov::cuda::sqrtm_path<T>(n, iters, backward, !tiled);
+  TORCH_CHECK(!required || path == SqrtmPath::kOnChip, "mpncov.", op,
+              ": MPNCOV_CUDA_SQRTM=onchip, but the on-chip kernel does not serve C = ", n,
+              ", iters = ", iters, " in ", sizeof(T) == 4 ? "float32" : "float64",
+              ": it needs C <= ", mpncov::cuda::kOnChipMaxN, ", iters <= ",
+              mpncov::kMaxMirroredIters, " and ",
+              mpncov::cuda::sqrtm_on_chip_smem_bytes(n, sizeof(T), backward),
+              " bytes of shared memory per block on this device");
+  return path;
 }
 
 // x: (B, C, H, W) or (B, C, M) -> M.
@@ -176,10 +203,13 @@ std::tuple<Tensor, Tensor> sqrtm_cuda(const Tensor& s, int64_t iters) {
     return {root.to(s.scalar_type()), saved_aten};
   }
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_sqrtm_cuda", [&] {
-    Tensor work = at::empty({mpncov::cuda::sqrtm_forward_workspace(b, n, iters)}, opts);
+    const auto path = sqrtm_path_of_call<scalar_t>(n, iters, false, "sqrtm");
+    const bool tiled = path == mpncov::cuda::SqrtmPath::kTiled;
+    Tensor work = at::empty({tiled ? mpncov::cuda::sqrtm_forward_workspace(b, n, iters) : 0},
+                            opts);
     check_launch(mpncov::cuda::sqrtm_forward<scalar_t>(
                      sc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                     saved.data_ptr<scalar_t>(), work.data_ptr<scalar_t>(), b, n, iters,
+                     saved.data_ptr<scalar_t>(), work.data_ptr<scalar_t>(), b, n, iters, path,
                      current_stream()),
                  "sqrtm");
   });
@@ -216,11 +246,14 @@ Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& sa
   if (use_cublas_products())
     return mpncov::cuda::sqrtm_backward_aten(gc, sc, savedc, iters).to(s.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_sqrtm_backward_cuda", [&] {
-    Tensor work = at::empty({mpncov::cuda::sqrtm_backward_workspace(b, n, iters)}, opts);
+    const auto path = sqrtm_path_of_call<scalar_t>(n, iters, true, "sqrtm_backward");
+    const bool tiled = path == mpncov::cuda::SqrtmPath::kTiled;
+    Tensor work = at::empty({tiled ? mpncov::cuda::sqrtm_backward_workspace(b, n, iters) : 0},
+                            opts);
     check_launch(mpncov::cuda::sqrtm_backward<scalar_t>(
                      gc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                      savedc.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(),
-                     work.data_ptr<scalar_t>(), b, n, iters, current_stream()),
+                     work.data_ptr<scalar_t>(), b, n, iters, path, current_stream()),
                  "sqrtm_backward");
   });
   return ds.to(s.scalar_type());

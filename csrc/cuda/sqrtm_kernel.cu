@@ -19,6 +19,7 @@
 
 #include "batched_gemm.cuh"
 #include "common.cuh"
+#include "sqrtm_on_chip.cuh"
 
 namespace mpncov {
 namespace cuda {
@@ -151,14 +152,6 @@ __global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlock
       if (threadIdx.x == 0) job.dot_part[b * job.tiles + tile] = dot;
     }
   }
-}
-
-// Element (i, j) of the symmetric part of a matrix from its tiles: u = M(i, j),
-// l = M(j, i); exactly symmetric (addition commutes), and u itself where u == l (also
-// when u + l would overflow).
-template <typename T>
-__device__ __forceinline__ T sym_value(T u, T l) {
-  return u == l ? u : T(0.5) * (u + l);
 }
 
 constexpr int kPrepTile = 32;
@@ -349,10 +342,18 @@ struct Runner {
 }  // namespace
 
 template <typename T>
+SqrtmPath sqrtm_path(int64_t n, int64_t iters, bool backward, bool allow_on_chip) {
+  return allow_on_chip && sqrtm_on_chip_fits<T>(n, iters, backward) ? SqrtmPath::kOnChip
+                                                                     : SqrtmPath::kTiled;
+}
+
+template <typename T>
 cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, int64_t n,
-                          int64_t iters, cudaStream_t stream) {
+                          int64_t iters, SqrtmPath path, cudaStream_t stream) {
   if (batch == 0 || n == 0) return cudaSuccess;
   if (batch < 0 || !fits_int(n) || !sqrtm_iters_valid(iters)) return cudaErrorInvalidValue;
+  if (path == SqrtmPath::kOnChip)
+    return sqrtm_on_chip_forward(s, out, saved, batch, n, iters, stream);
   const int N = static_cast<int>(iters);
   const bool mirror_tz = sqrtm_mirrors_tz(iters);
   const int64_t nn = n * n;
@@ -420,9 +421,12 @@ cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, 
 // (see sqrtm_kernel.cuh).
 template <typename T>
 cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s, T* work,
-                           int64_t batch, int64_t n, int64_t iters, cudaStream_t stream) {
+                           int64_t batch, int64_t n, int64_t iters, SqrtmPath path,
+                           cudaStream_t stream) {
   if (batch == 0 || n == 0) return cudaSuccess;
   if (batch < 0 || !fits_int(n) || !sqrtm_iters_valid(iters)) return cudaErrorInvalidValue;
+  if (path == SqrtmPath::kOnChip)
+    return sqrtm_on_chip_backward(grad, s, saved, grad_s, batch, n, iters, stream);
   const int N = static_cast<int>(iters);
   const bool mirror_tz = sqrtm_mirrors_tz(iters);
   const int64_t nn = n * n;
@@ -505,14 +509,18 @@ cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s,
   return cudaGetLastError();
 }
 
+template SqrtmPath sqrtm_path<float>(int64_t, int64_t, bool, bool);
+template SqrtmPath sqrtm_path<double>(int64_t, int64_t, bool, bool);
 template cudaError_t sqrtm_forward<float>(const float*, float*, float*, float*, int64_t, int64_t,
-                                          int64_t, cudaStream_t);
+                                          int64_t, SqrtmPath, cudaStream_t);
 template cudaError_t sqrtm_forward<double>(const double*, double*, double*, double*, int64_t,
-                                           int64_t, int64_t, cudaStream_t);
+                                           int64_t, int64_t, SqrtmPath, cudaStream_t);
 template cudaError_t sqrtm_backward<float>(const float*, const float*, const float*, float*,
-                                           float*, int64_t, int64_t, int64_t, cudaStream_t);
+                                           float*, int64_t, int64_t, int64_t, SqrtmPath,
+                                           cudaStream_t);
 template cudaError_t sqrtm_backward<double>(const double*, const double*, const double*, double*,
-                                            double*, int64_t, int64_t, int64_t, cudaStream_t);
+                                            double*, int64_t, int64_t, int64_t, SqrtmPath,
+                                            cudaStream_t);
 
 }  // namespace cuda
 }  // namespace mpncov

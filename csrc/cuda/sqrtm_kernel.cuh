@@ -21,8 +21,14 @@
 // them makes the coupled iteration unstable on rank-deficient inputs (their rounding errors
 // grow like 1.5^k in the null space of A); Y-type products stay mirrored.
 //
+// Two implementations (SqrtmPath): the tiled path, a launch per product of any size (this
+// file), and for n <= 128 in short mode the on-chip path, one kernel per op with the
+// iterates in shared memory (sqrtm_on_chip.cuh). Both compute the same function with the
+// same `saved` layout, so a forward of one may be followed by a backward of the other.
+//
 // All matrices are contiguous row-major; `work` is caller-allocated scratch of
-// sqrtm_*_workspace(...) elements of T. Everything runs on `stream`.
+// sqrtm_*_workspace(...) elements of T for the tiled path (the on-chip path needs none).
+// Everything runs on `stream`.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -79,16 +85,25 @@ inline int64_t sqrtm_backward_workspace(int64_t batch, int64_t n, int64_t iters)
   return sqrtm_backward_scalars(batch, n) + sqrtm_backward_matrices(iters) * batch * n * n;
 }
 
+enum class SqrtmPath : int { kTiled = 0, kOnChip = 1 };
+
+// The path of a call: kOnChip where allow_on_chip and the on-chip kernel serves it (short
+// mode, n <= 128, its shared memory within the current device's limit), else kTiled.
+template <typename T>
+SqrtmPath sqrtm_path(int64_t n, int64_t iters, bool backward, bool allow_on_chip);
+
 // s (batch, n, n) -> out (batch, n, n), saved (batch, sqrtm_saved_slots(iters), n, n).
+// `path` as returned by sqrtm_path (kOnChip where it does not serve: cudaErrorInvalidValue).
 template <typename T>
 cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, int64_t n,
-                          int64_t iters, cudaStream_t stream);
+                          int64_t iters, SqrtmPath path, cudaStream_t stream);
 
 // grad, s (batch, n, n), saved from sqrtm_forward -> grad_s (batch, n, n), exactly
 // symmetric.
 template <typename T>
 cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s, T* work,
-                           int64_t batch, int64_t n, int64_t iters, cudaStream_t stream);
+                           int64_t batch, int64_t n, int64_t iters, SqrtmPath path,
+                           cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mpncov

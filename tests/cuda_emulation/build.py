@@ -70,13 +70,15 @@ def load(out_dir: str | os.PathLike) -> ctypes.CDLL:
     sig = {
         "covpool_forward": [ptr, ptr, i64, i64, i64],
         "covpool_backward": [ptr, ptr, ptr, i64, i64, i64],
-        "sqrtm_forward": [ptr, ptr, ptr, i64, i64, i64],
-        "sqrtm_backward": [ptr, ptr, ptr, ptr, i64, i64, i64],
+        "sqrtm_forward": [ptr, ptr, ptr, i64, i64, i64, cint],
+        "sqrtm_backward": [ptr, ptr, ptr, ptr, i64, i64, i64, cint],
         "triuvec_forward": [ptr, ptr, i64, i64],
         "triuvec_backward": [ptr, ptr, i64, i64],
     }
     lib.emu_launches.argtypes = []
     lib.emu_launches.restype = ctypes.c_longlong
+    lib.emu_set_shared_optin.argtypes = [cint]
+    lib.emu_set_shared_optin.restype = cint
     for name, args in sig.items():
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"emu_{name}_{suffix}")

@@ -31,23 +31,39 @@ int covpool_backward(const void* g, const void* x, void* dx, int64_t b, int64_t 
                                            static_cast<T*>(dx), w.data(), b, c, m, nullptr);
 }
 
+// path: 0 the tiled path, 1 the on-chip path where it serves (as the binding's default),
+// 2 the on-chip path whether it serves or not (the launcher must refuse where it does not).
+mpncov::cuda::SqrtmPath pick_path(int path, bool on_chip_fits) {
+  return path == 2 || (path == 1 && on_chip_fits) ? mpncov::cuda::SqrtmPath::kOnChip
+                                                  : mpncov::cuda::SqrtmPath::kTiled;
+}
+
 template <typename T>
-int sqrtm_forward(const void* s, void* out, void* saved, int64_t b, int64_t n, int64_t iters) {
-  // An invalid iters must be refused by the launcher, not size the scratch.
-  auto w = scratch<T>(mpncov::cuda::sqrtm_iters_valid(iters)
+int sqrtm_forward(const void* s, void* out, void* saved, int64_t b, int64_t n, int64_t iters,
+                  int path) {
+  const auto chosen = pick_path(path, mpncov::cuda::sqrtm_path<T>(n, iters, false, true) ==
+                                          mpncov::cuda::SqrtmPath::kOnChip);
+  // An invalid iters must be refused by the launcher, not size the scratch; the on-chip
+  // path gets no scratch.
+  auto w = scratch<T>(mpncov::cuda::sqrtm_iters_valid(iters) &&
+                              chosen == mpncov::cuda::SqrtmPath::kTiled
                           ? mpncov::cuda::sqrtm_forward_workspace(b, n, iters) : 1);
   return mpncov::cuda::sqrtm_forward<T>(static_cast<const T*>(s), static_cast<T*>(out),
-                                        static_cast<T*>(saved), w.data(), b, n, iters, nullptr);
+                                        static_cast<T*>(saved), w.data(), b, n, iters, chosen,
+                                        nullptr);
 }
 
 template <typename T>
 int sqrtm_backward(const void* g, const void* s, const void* saved, void* ds, int64_t b,
-                   int64_t n, int64_t iters) {
-  auto w = scratch<T>(mpncov::cuda::sqrtm_iters_valid(iters)
+                   int64_t n, int64_t iters, int path) {
+  const auto chosen = pick_path(path, mpncov::cuda::sqrtm_path<T>(n, iters, true, true) ==
+                                          mpncov::cuda::SqrtmPath::kOnChip);
+  auto w = scratch<T>(mpncov::cuda::sqrtm_iters_valid(iters) &&
+                              chosen == mpncov::cuda::SqrtmPath::kTiled
                           ? mpncov::cuda::sqrtm_backward_workspace(b, n, iters) : 1);
   return mpncov::cuda::sqrtm_backward<T>(static_cast<const T*>(g), static_cast<const T*>(s),
                                          static_cast<const T*>(saved), static_cast<T*>(ds),
-                                         w.data(), b, n, iters, nullptr);
+                                         w.data(), b, n, iters, chosen, nullptr);
 }
 
 template <typename T>
@@ -77,12 +93,13 @@ MPNCOV_EMU_EXPORT_BOTH(covpool_backward,
                        (const void* g, const void* x, void* dx, int64_t b, int64_t c, int64_t m),
                        (g, x, dx, b, c, m))
 MPNCOV_EMU_EXPORT_BOTH(sqrtm_forward,
-                       (const void* s, void* out, void* saved, int64_t b, int64_t n, int64_t it),
-                       (s, out, saved, b, n, it))
+                       (const void* s, void* out, void* saved, int64_t b, int64_t n, int64_t it,
+                        int path),
+                       (s, out, saved, b, n, it, path))
 MPNCOV_EMU_EXPORT_BOTH(sqrtm_backward,
                        (const void* g, const void* s, const void* saved, void* ds, int64_t b,
-                        int64_t n, int64_t it),
-                       (g, s, saved, ds, b, n, it))
+                        int64_t n, int64_t it, int path),
+                       (g, s, saved, ds, b, n, it, path))
 MPNCOV_EMU_EXPORT_BOTH(triuvec_forward, (const void* s, void* v, int64_t b, int64_t n),
                        (s, v, b, n))
 MPNCOV_EMU_EXPORT_BOTH(triuvec_backward, (const void* g, void* out, int64_t b, int64_t n),
@@ -90,3 +107,10 @@ MPNCOV_EMU_EXPORT_BOTH(triuvec_backward, (const void* g, void* out, int64_t b, i
 
 // Kernel launches made so far by the emulated launchers.
 extern "C" long long emu_launches() { return ::emu::launches; }
+
+// The emulated device's opt-in shared memory per block (bytes); returns the previous value.
+extern "C" int emu_set_shared_optin(int bytes) {
+  const int previous = ::emu::shared_optin;
+  ::emu::shared_optin = bytes;
+  return previous;
+}

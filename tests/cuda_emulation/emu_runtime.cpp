@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <map>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -15,6 +16,7 @@ namespace emu {
 dim3 thread_idx, block_idx, block_dim, grid_dim;
 cudaError_t last_error = cudaSuccess;
 long long launches = 0;
+int shared_optin = 227 * 1024;  // an H100 / H200
 
 namespace {
 
@@ -51,6 +53,10 @@ struct AsyncCopy {
 std::vector<std::vector<AsyncCopy>> async_copies;
 std::vector<long long> async_groups;  // groups committed so far, per thread
 
+std::map<const void*, size_t> shared_limits;  // per kernel, set by cudaFuncSetAttribute
+std::vector<unsigned char> dynamic_buffer;
+size_t dynamic_bytes = 0;
+
 void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
 
 void fiber_main() {
@@ -71,6 +77,24 @@ void wait_at(int& arrived, unsigned long long& generation, int members) {
 }
 
 }  // namespace
+
+size_t dynamic_shared_limit(const void* kernel) {
+  const auto it = shared_limits.find(kernel);
+  return it == shared_limits.end() ? kStaticSharedLimit : std::max(it->second, kStaticSharedLimit);
+}
+
+void set_dynamic_shared_limit(const void* kernel, size_t bytes) { shared_limits[kernel] = bytes; }
+
+void set_dynamic_shared_size(size_t bytes) {
+  dynamic_bytes = bytes;
+  // 16 bytes more, so that the returned pointer can be 16-byte aligned.
+  if (dynamic_buffer.size() < bytes + 16) dynamic_buffer.resize(bytes + 16);
+}
+
+unsigned char* dynamic_shared() {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(dynamic_buffer.data());
+  return dynamic_buffer.data() + ((16 - (p & 15u)) & 15u);
+}
 
 void misaligned_access(const void* p, const char* file, int line) {
   std::fprintf(stderr, "emu: misaligned 16-byte access to %p at %s:%d (faults on a GPU)\n", p,
@@ -135,6 +159,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& fn) {
       for (unsigned int bx = 0; bx < grid.x; ++bx) {
         block_idx = dim3(bx, by, bz);
         block_arrived = 0;
+        if (dynamic_bytes > 0) std::memset(dynamic_shared(), 0xff, dynamic_bytes);  // NaN
         for (int i = 0; i < nthreads; ++i) {
           Fiber& f = fibers[i];
           if (!f.stack) f.stack.reset(new char[kStackBytes]);

@@ -48,6 +48,8 @@ inline double2 make_double2(double x, double y) { return double2{x, y}; }
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 
 namespace emu {
 
@@ -59,6 +61,17 @@ inline void check_aligned16(const void* p, const char* file, int line) {
 extern dim3 thread_idx, block_idx, block_dim, grid_dim;
 extern cudaError_t last_error;
 extern long long launches;  // kernel launches so far (tests count them per op)
+
+// Dynamic shared memory: a kernel may be launched with more than 48 KB only after
+// cudaFuncSetAttribute raised its limit, and never beyond the device's opt-in limit
+// (shared_optin, settable by the tests to play an A100 or an H100).
+extern int shared_optin;
+constexpr size_t kStaticSharedLimit = 48 * 1024;
+size_t dynamic_shared_limit(const void* kernel);
+void set_dynamic_shared_limit(const void* kernel, size_t bytes);
+// The running block's dynamic shared memory, NaN bytes at the start of every block.
+unsigned char* dynamic_shared();
+void set_dynamic_shared_size(size_t bytes);
 
 // Barrier of all threads of the running block.
 void sync_block();
@@ -82,11 +95,13 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, Kernel* ke
             Args&&... args) {
   const unsigned long long threads = 1ULL * block.x * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 ||
-      grid.z == 0 || grid.y > 65535 || grid.z > 65535 || shared_bytes > 48 * 1024) {
+      grid.z == 0 || grid.y > 65535 || grid.z > 65535 ||
+      shared_bytes > dynamic_shared_limit(reinterpret_cast<const void*>(kernel))) {
     last_error = cudaErrorInvalidConfiguration;
     return;
   }
   ++launches;
+  set_dynamic_shared_size(shared_bytes);
   run_grid(grid, block, [&] { kernel(args...); });
 }
 
@@ -134,6 +149,25 @@ T __shfl_down_sync(unsigned int /*mask: all lanes take part here*/, T v, unsigne
 template <typename T>
 T __shfl_sync(unsigned int /*mask: all lanes take part here*/, T v, int src_lane) {
   return ::emu::shfl_idx(v, src_lane);
+}
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || device != 0) return cudaErrorInvalidValue;
+  *value = ::emu::shared_optin;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaFuncSetAttribute(const void* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      value > ::emu::shared_optin)
+    return cudaErrorInvalidValue;
+  ::emu::set_dynamic_shared_limit(kernel, static_cast<size_t>(value));
+  return cudaSuccess;
 }
 
 inline cudaError_t cudaGetLastError() {
