@@ -60,6 +60,7 @@ SM_LIMITS = {80: (65536, 164 * 1024, 32, 64), 86: (65536, 100 * 1024, 16, 48),
              89: (65536, 100 * 1024, 24, 48), 90: (65536, 228 * 1024, 32, 64)}
 MAX_STAGING = 300
 MIN_WARPS = 12
+MAX_MMA_SPILL = 64  # bytes a TF32 tile kernel may spill outside its product loop
 # Shared memory one block may opt in to (bytes), per arch.
 MAX_BLOCK_SMEM = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 # The on-chip sqrtm kernels (sqrtm_on_chip.cu): outputs per thread (rows, cols) by dtype,
@@ -125,14 +126,26 @@ def common_flags() -> tuple[list[str], str]:
         return list(FALLBACK_COMMON), "built-in copy of torch's COMMON_NVCC_FLAGS (torch not importable)"
 
 
+# The int template argument of the tile kernels: their Fp32Math (csrc/cuda/mma_tf32.cuh).
+MATH_NAMES = {"0": "", "1": ", tf32", "2": ", 3xtf32"}
+
+
 def short_name(mangled: str) -> str:
-    """`sym_prep_kernel<float, backward>` from the mangled name of a kernel template."""
-    m = re.search(r"\d([a-z][a-z_]*_kernel)I([df])(Lb([01])E)?", mangled)
+    """`sym_prep_kernel<float, backward>`, `product_kernel<float, tf32>` from the mangled
+    name of a kernel template (a bool argument: backward/forward; an int: the Fp32Math)."""
+    m = re.search(r"\d([a-z][a-z_]*_kernel)I([df])(L([bi])(\d+)E)?", mangled)
     if not m:
         return mangled
     kind = {"d": "double", "f": "float"}[m.group(2)]
-    extra = {None: "", "1": ", backward", "0": ", forward"}[m.group(4)]
+    if m.group(4) == "b":
+        extra = {"1": ", backward", "0": ", forward"}[m.group(5)]
+    else:
+        extra = MATH_NAMES.get(m.group(5) or "0", f", math {m.group(5)}")
     return f"{m.group(1)}<{kind}{extra}>"
+
+
+def is_mma_kernel(mangled: str) -> bool:
+    return "tf32" in short_name(mangled)
 
 
 def compile_cubin(nvcc, src, arch, flags, out, extra=()):
@@ -208,6 +221,10 @@ def classify(op: str) -> str:
     base = op.split(".")[0]
     if base in ("FFMA", "DFMA"):
         return "FMA"
+    if base == "HMMA":
+        return "MMA"
+    if base in ("LDL", "STL"):  # local memory: spills
+        return "local"
     if base == "LDS":
         return "LDS"
     if base == "STS":
@@ -221,7 +238,7 @@ def classify(op: str) -> str:
     return "other"
 
 
-def loop_paths(body, min_fmas, require_load=True):
+def loop_paths(body, min_fmas, require_load=True, unit="FMA"):
     """Cheapest and costliest path (by instruction count) through the innermost loop with
     at least min_fmas FMAs (the slab loop), from its head to its back edge, as
     {class: count} dicts."""
@@ -237,7 +254,7 @@ def loop_paths(body, min_fmas, require_load=True):
         if target >= addr or target not in index:
             continue
         lo, hi = index[target], i
-        fmas = sum(classify(o) == "FMA" for _, _, o, _ in body[lo:hi + 1])
+        fmas = sum(classify(o) == unit for _, _, o, _ in body[lo:hi + 1])
         if fmas >= min_fmas and (best is None or hi - lo < best[1] - best[0]):
             best = (lo, hi, fmas)
     if best is None:
@@ -334,7 +351,7 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
         results = list(pool.map(run, jobs))
 
-    resources, loops, failures, on_chip, on_chip_loops = [], [], [], [], []
+    resources, loops, failures, on_chip, on_chip_loops, mma_loops = [], [], [], [], [], []
     for (src, arch, extra), cubin, log in results:
         if not extra:
             for name, regs, sst, sld, stack, smem in parse_ptxas(log):
@@ -360,7 +377,10 @@ def main() -> int:
                 resources.append((src.name, sname, arch, regs, sst, sld, stack, smem, threads,
                                   warps))
                 is_float = "<float" in sname
-                if is_float and (sst or sld):
+                # TF32 variants: a few long-lived scalars may go to local memory (outside the
+                # product loop, which the SASS check below keeps free of local accesses).
+                allowed = MAX_MMA_SPILL if is_mma_kernel(name) else 0
+                if is_float and max(sst, sld) > allowed:
                     failures.append(f"{sname} sm_{arch}: spills {sst}/{sld} bytes")
                 if is_float and is_tile_kernel(name) and warps < MIN_WARPS:
                     failures.append(f"{sname} sm_{arch}: {warps} warps/SM < {MIN_WARPS}")
@@ -382,6 +402,19 @@ def main() -> int:
                 on_chip_loops.append((sname, arch, ks, {k: v / ks for k, v in counts.items()}))
                 continue
             if not is_tile_kernel(name):
+                continue
+            if is_mma_kernel(name):
+                # The TF32 multiply keeps its k8 loop rolled (batched_gemm.cuh): per k8 step
+                # 16 MMAs (48 for 3xTF32) with their fragment loads and TF32 conversions.
+                sname = short_name(name)
+                per_k8 = 48 if "3xtf32" in sname else 16
+                paths = loop_paths(body, per_k8, require_load=False, unit="MMA")
+                if paths is None:
+                    failures.append(f"{sname} sm_{arch}: no MMA loop found in the SASS")
+                    continue
+                mma_loops.append((sname, arch, paths[1]))
+                if paths[1].get("local"):
+                    failures.append(f"{sname} sm_{arch}: local memory in the MMA loop")
                 continue
             slab_fmas = 16 * 64  # kSlab x 8 x 8 per thread
             paths = loop_paths(body, slab_fmas)
@@ -455,6 +488,26 @@ def main() -> int:
                 f"{c.get('control', 0) + c.get('BAR', 0):.0f} | "
                 f"{'-' if staging != staging else f'{staging:.0f}'} | "
                 f"{100 * c.get('FMA', 0) / total:.0f} % |")
+    if mma_loops:
+        lines += [
+            "", "## TF32 variants of the tile kernels (MPNCOV_CUDA_TF32)", "",
+            "Float tile kernels whose slab multiply runs on tensor cores "
+            "(`mma.sync.m16n8k8.tf32`, SASS `HMMA.1688.F32.TF32`; `csrc/cuda/mma_tf32.cuh`): "
+            "per k8 step of a slab and per thread, 16 MMAs (3xTF32: 48) with the loads of their "
+            "A and B fragments from shared memory and the TF32 rounding of each fragment "
+            "(`cvt.rna.tf32.f32`, which compiles to integer/compare instructions, and for "
+            "3xTF32 the split into big and small parts). One MMA is 16 x 8 x 8 = 1,024 "
+            "multiply-adds of the warp, 32 per thread: the 16 MMAs do the work of 512 FFMAs "
+            "per thread. Staging (cp.async, barriers) is the FFMA kernels' (above).",
+            "",
+            "| kernel | arch | HMMA | LDS | other | control+BAR | local | HMMA share |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for k, arch, c in sorted(mma_loops):
+            total = sum(c.values())
+            lines.append(f"| `{k}` | sm_{arch} | {c.get('MMA', 0)} | {c.get('LDS', 0)} | "
+                         f"{c.get('other', 0)} | {c.get('control', 0) + c.get('BAR', 0)} | "
+                         f"{c.get('local', 0)} | {100 * c.get('MMA', 0) / total:.0f} % |")
     lines += [
         "", "## On-chip sqrtm kernels (C <= 128, short mode: one block per sample)", "",
         "Threads = one per cell of the upper-triangle cover (float 8 x 8 outputs, double "
@@ -489,7 +542,8 @@ def main() -> int:
                          f"{100 * c.get('FMA', 0) / total:.0f} % |")
     lines += ["", "Check (`--check`): no float kernel spills, float tile kernels >= "
               f"{MIN_WARPS} warps/SM, <= {MAX_STAGING} staging instructions per slab, the float "
-              "on-chip kernels fit an sm_90 block at C = 128: "
+              "on-chip kernels fit an sm_90 block at C = 128, TF32 variants spill at most "
+              f"{MAX_MMA_SPILL} bytes and never in their MMA loop: "
               + ("passed." if not failures else "FAILED: " + "; ".join(failures)), ""]
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,8 @@
 #   bench.log        the quick CUDA benchmark (fp32), four variants: all implementations with
 #                    mpncov's own kernels (sqrtm on chip where C <= 128); mpncov with sqrtm
 #                    tiled (MPNCOV_CUDA_SQRTM=tiled); mpncov with cuBLAS products; TF32
-#                    allowed (mpncov with cuBLAS products, plain autograd)
+#                    allowed (mpncov's kernels with TF32 tensor-core products, plain
+#                    autograd with TF32 cuBLAS)
 #   bench.json       the variants' results.json merged
 #   profile.log      per-kernel profile of a training step, kernels and cuBLAS products,
 #                    at (B=128, C=256, M=196, N=5) and (B=128, C=128, M=784, N=3), and
@@ -182,7 +183,7 @@ else
   BENCH_BUDGET=45
   bench cublas MPNCOV_CUDA_PRODUCTS=cublas -- --device cuda --quick --rounds 1 --dtypes fp32 \
     --impls mpncov --ops sqrtm,pipeline
-  bench tf32 MPNCOV_CUDA_PRODUCTS=cublas MPNCOV_TF32=1 -- --device cuda \
+  bench tf32 MPNCOV_CUDA_PRODUCTS=kernels MPNCOV_TF32=1 -- --device cuda \
     --quick --rounds 1 --dtypes fp32 --impls mpncov,autograd --ops sqrtm,pipeline
 fi
 "$PYTHON" - "$TMP" "$LOG_DIR/bench.json" <<'PY' >>"$LOG_DIR/bench.log" 2>&1

@@ -7,7 +7,8 @@ Cases (each compared with the CPU ops, or bitwise with a plain-layout run of the
 CUDA op): odd sizes, a zero-trace sample among normal ones, a storage offset of 1
 (misaligned data), channels_last input, an expanded (stride-0) gradient, B above 65535
 (more samples than gridDim.y), long mode (iters > 8), a CUDA graph replay equal to eager,
-sqrtm on chip against the tiled path (MPNCOV_CUDA_SQRTM), and both product paths
+sqrtm on chip against the tiled path (MPNCOV_CUDA_SQRTM), the kernels' TF32 and 3xTF32
+products (MPNCOV_CUDA_TF32), and both product paths
 (MPNCOV_CUDA_PRODUCTS = kernels, cublas). With the default MPNCOV_CUDA_SQRTM=auto every
 case with C <= 128 and iters <= 8 runs sqrtm on chip. Prints one line per case and exits
 non-zero if any failed.
@@ -181,9 +182,31 @@ def case_sqrtm_paths(dev, quick):
     return "forward bits on chip vs tiled: " + " ".join(notes)
 
 
+def case_tf32(dev, quick):
+    """The pipeline with the kernels' TF32 and 3xTF32 products (MPNCOV_CUDA_TF32) against
+    float64 on the CPU; returns the relative errors."""
+    if os.environ.get("MPNCOV_CUDA_PRODUCTS") == "cublas":
+        return "skipped (cuBLAS products)"
+    notes = []
+    for c, m, n in [(70, 49, 3)] + ([] if quick else [(130, 196, 5)]):
+        x = torch.randn(2, c, m, generator=gen(c), dtype=F64)
+        g = torch.randn(2, c * (c + 1) // 2, generator=gen(m), dtype=F64)
+        ref_out, ref_dx = pipeline(x, g, n)
+        for mode, tol in (("on", 2e-2), ("3x", 5e-4)):
+            os.environ["MPNCOV_CUDA_TF32"] = mode
+            try:
+                out, dx = pipeline(x.to(dev, torch.float32), g.to(dev, torch.float32), n)
+            finally:
+                os.environ["MPNCOV_CUDA_TF32"] = "auto"
+            check_close(out, ref_out, tol, f"TF32 {mode} out C={c}")
+            check_close(dx, ref_dx, tol * 10, f"TF32 {mode} grad C={c}")
+            notes.append(f"C={c} {mode}: {rel(out, ref_out):.1e}/{rel(dx, ref_dx):.1e}")
+    return "errors out/grad: " + "; ".join(notes)
+
+
 CASES = [case_odd_sizes, case_zero_trace, case_storage_offset, case_channels_last,
          case_expanded_grad, case_large_batch, case_long_mode, case_graph_replay,
-         case_sqrtm_paths]
+         case_sqrtm_paths, case_tf32]
 
 
 def main() -> int:

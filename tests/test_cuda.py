@@ -563,3 +563,52 @@ def test_sqrtm_on_chip_bitwise_deterministic_and_stream(monkeypatch):
     torch.cuda.current_stream().wait_stream(stream)
     for a, b in zip(again, first):
         assert torch.equal(a, b)
+
+
+# ---- TF32 tensor-core products of the hand-written kernels (MPNCOV_CUDA_TF32) -------------
+
+def _pipeline_with(monkeypatch, x, g, iters, **env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return _pipeline(x, g, iters)[:2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8,
+                    reason="TF32 needs sm_80+")
+@pytest.mark.parametrize("c,m,iters", [(130, 196, 5), (64, 49, 3)])
+def test_tf32_products(c, m, iters, monkeypatch):
+    x = features(2, c, m, seed=50 + c)
+    g = torch.randn(2, c * (c + 1) // 2, generator=gen(51), dtype=F64)
+    ref = grad_of(lambda a: ref_isqrt_cov(a, iters), x, g)
+    ref_out = ref_isqrt_cov(x, iters)
+    xd, gd = x.float().to(DEV), g.float().to(DEV)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        off = _pipeline_with(monkeypatch, xd, gd, iters, MPNCOV_CUDA_TF32="auto")
+        on = _pipeline_with(monkeypatch, xd, gd, iters, MPNCOV_CUDA_TF32="on")
+        x3 = _pipeline_with(monkeypatch, xd, gd, iters, MPNCOV_CUDA_TF32="3x")
+        torch.backends.cuda.matmul.allow_tf32 = True  # auto follows torch's setting
+        auto = _pipeline_with(monkeypatch, xd, gd, iters, MPNCOV_CUDA_TF32="auto")
+        tiled = _pipeline_with(monkeypatch, xd, gd, iters, MPNCOV_CUDA_TF32="on",
+                               MPNCOV_CUDA_SQRTM="tiled")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    errs = {name: (rel_err(r[0], ref_out), rel_err(r[1], ref))
+            for name, r in (("off", off), ("on", on), ("3x", x3))}
+    print(f"C={c}: relative errors (out, grad) against float64: {errs}")
+    # TF32: about 1e-3, visibly coarser than float32; 3xTF32: float32 accuracy.
+    assert errs["on"][0] < 1e-2 and errs["on"][1] < 5e-2
+    assert errs["on"][0] > 10 * errs["off"][0]
+    assert errs["3x"][0] < TOL[torch.float32] and errs["3x"][1] < GRAD_TOL[torch.float32]
+    # auto with TF32 allowed = on (deterministic), and takes the tiled sqrtm path.
+    for a, b in zip(auto, on):
+        assert torch.equal(a, b)
+    for a, b in zip(tiled, on):
+        assert torch.equal(a, b)
+
+
+def test_tf32_env_value_checked(monkeypatch):
+    monkeypatch.setenv("MPNCOV_CUDA_TF32", "maybe")
+    with pytest.raises(ValueError, match="MPNCOV_CUDA_TF32 must be 'auto', 'off', 'on' or '3x'"):
+        mpncov.covpool(torch.randn(2, 3, 4, device=DEV))

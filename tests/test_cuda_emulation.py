@@ -23,6 +23,8 @@ pytestmark = pytest.mark.skipif(
     reason="the CUDA emulation needs Linux (ucontext) and g++")
 
 SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+# The `math` argument of the emulated covpool / sqrtm launchers: an Fp32Math (mma_tf32.cuh).
+FFMA, TF32, TF32X3 = 0, 1, 2
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +82,14 @@ def test_covpool(emu, c, m, offset):
     if offset:
         x = misaligned(x)
     out = nan_filled((2, c, c), dtype)
-    call(emu, "covpool_forward", dtype, x, out, 2, c, m)
+    call(emu, "covpool_forward", dtype, x, out, 2, c, m, FFMA)
     close(out, torch.ops.mpncov.covpool(x), dtype)
     assert torch.equal(out, out.transpose(1, 2)), "covpool output must be exactly symmetric"
     grad = torch.randn(2, c, c, generator=g, dtype=dtype)
     if offset:
         grad = misaligned(grad)
     dx = nan_filled((2, c, m), dtype)
-    call(emu, "covpool_backward", dtype, grad, x, dx, 2, c, m)
+    call(emu, "covpool_backward", dtype, grad, x, dx, 2, c, m, FFMA)
     close(dx, torch.ops.mpncov.covpool_backward(grad, x), dtype)
 
 
@@ -113,18 +115,18 @@ def ref_sqrtm_grad(s, g, iters):
 TILED, AUTO, ON_CHIP = 0, 1, 2
 
 
-def emu_sqrtm(emu, s, iters, path=AUTO):
+def emu_sqrtm(emu, s, iters, path=AUTO, math=FFMA):
     b, c, _ = s.shape
     out = nan_filled((b, c, c), s.dtype)
     saved = nan_filled((b, 3 * (iters - 1) + 1, c, c), s.dtype)
-    call(emu, "sqrtm_forward", s.dtype, s, out, saved, b, c, iters, path)
+    call(emu, "sqrtm_forward", s.dtype, s, out, saved, b, c, iters, path, math)
     return out, saved
 
 
-def emu_sqrtm_backward(emu, g, s, saved, iters, path=AUTO):
+def emu_sqrtm_backward(emu, g, s, saved, iters, path=AUTO, math=FFMA):
     b, c, _ = s.shape
     ds = nan_filled((b, c, c), s.dtype)
-    call(emu, "sqrtm_backward", s.dtype, g, s, saved, ds, b, c, iters, path)
+    call(emu, "sqrtm_backward", s.dtype, g, s, saved, ds, b, c, iters, path, math)
     return ds
 
 
@@ -260,11 +262,11 @@ def test_sqrtm_misaligned_buffers(emu, path):
     ds = emu_sqrtm_backward(emu, g, s, saved, iters, path)
     out_m = misaligned(nan_filled(out.shape, dtype))
     saved_m = misaligned(nan_filled(saved.shape, dtype))
-    call(emu, "sqrtm_forward", dtype, misaligned(s), out_m, saved_m, b, c, iters, path)
+    call(emu, "sqrtm_forward", dtype, misaligned(s), out_m, saved_m, b, c, iters, path, FFMA)
     assert torch.equal(out_m, out) and torch.equal(saved_m, saved)
     ds_m = misaligned(nan_filled(ds.shape, dtype))
     call(emu, "sqrtm_backward", dtype, misaligned(g), misaligned(s), saved_m, ds_m, b, c, iters,
-         path)
+         path, FFMA)
     assert torch.equal(ds_m, ds)
 
 
@@ -274,9 +276,9 @@ def test_sqrtm_refuses_iters_out_of_range(emu, iters, path):
     s = torch.eye(3, dtype=torch.float64)[None].contiguous()
     out, saved = nan_filled((1, 3, 3), s.dtype), nan_filled((1, 1, 3, 3), s.dtype)
     assert emu.emu_sqrtm_forward_f64(s.data_ptr(), out.data_ptr(), saved.data_ptr(), 1, 3,
-                                     iters, path) != 0
+                                     iters, path, FFMA) != 0
     assert emu.emu_sqrtm_backward_f64(s.data_ptr(), s.data_ptr(), saved.data_ptr(),
-                                      out.data_ptr(), 1, 3, iters, path) != 0
+                                      out.data_ptr(), 1, 3, iters, path, FFMA) != 0
 
 
 def test_sqrtm_accepts_100_iters(emu):
@@ -307,7 +309,7 @@ def test_sqrtm_on_chip(emu, c, iters):
     if iters > 8:
         out, saved = nan_filled((4, c, c), dtype), nan_filled((4, 3 * iters - 2, c, c), dtype)
         fn = emu.emu_sqrtm_forward_f32
-        assert fn(s.data_ptr(), out.data_ptr(), saved.data_ptr(), 4, c, iters, ON_CHIP) != 0
+        assert fn(s.data_ptr(), out.data_ptr(), saved.data_ptr(), 4, c, iters, ON_CHIP, FFMA) != 0
         assert launches(emu, emu_sqrtm, emu, s, iters, AUTO) == 2 * iters
         return
     before = emu.emu_launches()
@@ -377,7 +379,7 @@ def test_sqrtm_on_chip_shared_memory_limits(emu):
         s = symmetric(spd_batch(1, 128, f32, seed=3))
         out, saved = nan_filled((1, 128, 128), f32), nan_filled((1, 4, 128, 128), f32)
         assert emu.emu_sqrtm_forward_f32(s.data_ptr(), out.data_ptr(), saved.data_ptr(), 1, 128,
-                                         2, ON_CHIP) != 0, "the launcher refuses what does not fit"
+                                         2, ON_CHIP, FFMA) != 0, "the launcher refuses what does not fit"
     finally:
         emu.emu_set_shared_optin(previous)
 
@@ -399,21 +401,22 @@ def test_launches_per_op(emu, iters):
     s = symmetric(spd_batch(b, c, dtype, seed=1))
     saved = nan_filled((b, 3 * (iters - 1) + 1, c, c), dtype)
     out = nan_filled((b, c, c), dtype)
-    fwd = launches(emu, call, emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters, TILED)
-    bwd = launches(emu, call, emu, "sqrtm_backward", dtype, s, s, saved, out, b, c, iters, TILED)
+    fwd = launches(emu, call, emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters, TILED, FFMA)
+    bwd = launches(emu, call, emu, "sqrtm_backward", dtype, s, s, saved, out, b, c, iters, TILED,
+                   FFMA)
     assert (fwd, bwd) == (2 * iters, 2 * iters + 1)
-    fwd = launches(emu, call, emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters, AUTO)
-    bwd = launches(emu, call, emu, "sqrtm_backward", dtype, s, s, saved, out, b, c, iters, AUTO)
+    fwd = launches(emu, call, emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters, AUTO, FFMA)
+    bwd = launches(emu, call, emu, "sqrtm_backward", dtype, s, s, saved, out, b, c, iters, AUTO, FFMA)
     assert (fwd, bwd) == ((1, 1) if iters <= 8 else (2 * iters, 2 * iters + 1))
     x = torch.randn(b, c, m, dtype=dtype)
-    assert launches(emu, call, emu, "covpool_forward", dtype, x, out, b, c, m) == 2
+    assert launches(emu, call, emu, "covpool_forward", dtype, x, out, b, c, m, FFMA) == 2
     dx = nan_filled((b, c, m), dtype)
-    assert launches(emu, call, emu, "covpool_backward", dtype, s, x, dx, b, c, m) == 3
+    assert launches(emu, call, emu, "covpool_backward", dtype, s, x, dx, b, c, m, FFMA) == 3
     # Few tiles and a deep M: the forward splits the sum over M in parts (one more launch
     # adds them up); test_covpool checks its values at this size.
     x = torch.randn(2, 128, 196, dtype=dtype)
     out = nan_filled((2, 128, 128), dtype)
-    assert launches(emu, call, emu, "covpool_forward", dtype, x, out, 2, 128, 196) == 3
+    assert launches(emu, call, emu, "covpool_forward", dtype, x, out, 2, 128, 196, FFMA) == 3
 
 
 @pytest.mark.parametrize("c", [1, 5, 70])
@@ -472,3 +475,146 @@ def test_cublas_path_matches_the_kernels(emu, aten_path, iters):
     close(ds[:1], ref_sqrtm_grad(s[:1], g[:1], iters), dtype)
     assert torch.isnan(ds[2]).all() and torch.equal(ds[1], torch.zeros_like(ds[1]))
     assert torch.equal(ds[:2], ds[:2].transpose(1, 2))
+
+
+# ---- TF32 tensor-core products of the tile core (MPNCOV_CUDA_TF32), float only --------------
+
+def tf32(t):
+    """float32 rounded to TF32 as cvt.rna.tf32.f32 does: 10 mantissa bits, to nearest, ties
+    away from zero (on the sign-magnitude bits); infinities and NaN kept."""
+    bits = t.float().contiguous().view(torch.int32)
+    special = (bits & 0x7F800000) == 0x7F800000
+    rounded = (bits + 0x1000) & ~0x1FFF
+    return torch.where(special, bits, rounded).view(torch.float32)
+
+
+def test_tf32_rounding_reference():
+    x = torch.tensor([1.0, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -12, -(1 + 2.0 ** -11),
+                      1 + 2.0 ** -11 - 2.0 ** -23, 3.4028234663852886e38, float("inf")])
+    want = [1.0, 1 + 2.0 ** -10, 1 + 2.0 ** -10, -(1 + 2.0 ** -10), 1.0, float("inf"),
+            float("inf")]
+    assert tf32(x).tolist() == want
+
+
+def zero_mean_features(b, c, m, seed):
+    """float32 features with more significant bits than TF32 keeps (16 or more) whose rows
+    sum to exactly 0 (the last entry, within float32's 24 bits), so the kernels' centring
+    is exact and the reference sees the kernels' Xc."""
+    g = torch.Generator().manual_seed(seed)
+    bound = 2 ** (24 - m.bit_length())
+    k = torch.randint(-bound, bound, (b, c, m), generator=g, dtype=torch.int64)
+    k[..., -1] = -k[..., :-1].sum(-1)
+    return (k.double() * 2.0 ** -22).float().contiguous()
+
+
+def rel_err(a, ref):
+    return ((a.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("c,m", [(64, 48), (70, 33), (128, 196)])
+def test_covpool_tf32(emu, c, m):
+    x = zero_mean_features(2, c, m, seed=c)
+    assert torch.equal(x.double().sum(-1), torch.zeros(2, c, dtype=torch.float64))
+    exact = x.double() @ x.double().transpose(1, 2) / m
+    rounded = tf32(x).double() @ tf32(x).double().transpose(1, 2) / m
+    g = torch.randn(2, c, c, generator=torch.Generator().manual_seed(1))
+    h = g + g.transpose(1, 2)  # the kernel's fp32 G + G^T, bit for bit
+    dx_exact = h.double() @ x.double() / m
+    dx_rounded = tf32(h).double() @ tf32(x).double() / m
+    results = {}
+    for math in (FFMA, TF32, TF32X3):
+        out = nan_filled((2, c, c), torch.float32)
+        call(emu, "covpool_forward", torch.float32, x, out, 2, c, m, math)
+        assert torch.equal(out, out.transpose(1, 2))
+        dx = nan_filled((2, c, m), torch.float32)
+        call(emu, "covpool_backward", torch.float32, g, x, dx, 2, c, m, math)
+        results[math] = (out, dx)
+    # TF32: the product of the TF32-rounded operands (to float accumulation), visibly not the
+    # exact one; 3xTF32 and FFMA: the exact product to float rounding.
+    assert rel_err(results[TF32][0], rounded) < 2e-6 < 1e-5 < rel_err(results[TF32][0], exact)
+    assert rel_err(results[TF32][1], dx_rounded) < 2e-6 < 1e-5 < rel_err(results[TF32][1], dx_exact)
+    for math in (FFMA, TF32X3):
+        assert rel_err(results[math][0], exact) < 2e-6
+        assert rel_err(results[math][1], dx_exact) < 2e-6
+
+
+def sqrtm_recurrence(s, iters, g, prod):
+    """The tiled path's sqrtm forward and backward in float32 with every product through
+    prod(terms) (a float32 result from [(P, Q), ...]) and mirrored like the kernels (short
+    mode); s has an exactly representable trace."""
+    f = torch.float32
+    eye = torch.eye(s.shape[-1], dtype=f).expand_as(s)
+
+    def mirrored(m):
+        return m.triu() + m.triu(1).transpose(1, 2)
+
+    def job(terms, alpha=1.0, gamma=0.0, r=None, beta=0.0):
+        v = prod(terms) * alpha
+        if r is not None:
+            v = v + beta * r
+        return mirrored(v + gamma * eye)
+
+    t = s.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+    a = s / t
+    t0 = 0.5 * (3 * eye - a)
+    y, z, tk = [job([(a, t0)])], [t0], []
+    for k in range(iters - 1):
+        tk.append(job([(z[k], y[k])], -0.5, 1.5))
+        y.append(job([(y[k], tk[k])]))
+        z.append(job([(tk[k], z[k])]))
+    out = t.sqrt() * y[-1]
+    e = t.sqrt() * (0.5 * (g + g.transpose(1, 2)))
+    dy = job([(e, a), (a, e)], -0.5, r=e, beta=1.5)
+    dz = -0.5 * e
+    for k in range(iters - 1):
+        dt = job([(dz, y[k]), (z[k], dy)], -0.5)
+        dy, dz = job([(dy, tk[k]), (y[k], dt)]), job([(dt, z[k]), (tk[k], dz)])
+    ds = dy / t
+    diag = (g * y[-1]).sum((1, 2)) / (2 * t.sqrt()[:, 0, 0]) - (ds * a).sum((1, 2))
+    return out, ds + diag[:, None, None] * eye
+
+
+def tf32_products(terms):
+    """sum P Q over the terms as the TF32 kernels accumulate: TF32-rounded operands, and per
+    k8 step of each term (one MMA) the exact products added to the float accumulator with
+    one rounding (the emulated MMA's model)."""
+    acc = None
+    for p, q in terms:
+        p, q = tf32(p).double(), tf32(q).double()
+        for k0 in range(0, p.shape[-1], 8):
+            part = p[..., k0:k0 + 8] @ q[..., k0:k0 + 8, :]
+            acc = (part if acc is None else acc.double() + part).float()
+    return acc
+
+
+def exact_products(terms):
+    return sum(p.double() @ q.double() for p, q in terms).float()
+
+
+@pytest.mark.parametrize("c,iters", [(64, 3), (70, 5), (130, 2)])
+def test_sqrtm_tf32(emu, c, iters):
+    gen_ = torch.Generator().manual_seed(c)
+    x = torch.randn(2, c, c + 5, generator=gen_, dtype=torch.float64)
+    s = x @ x.transpose(1, 2) / (c + 5)
+    s = 0.5 * (s + s.transpose(1, 2))
+    idx = torch.arange(c)
+    s[:, idx, idx] = torch.round(s[:, idx, idx] * 1024) / 1024  # an exact float32 trace
+    s = s.float().contiguous()
+    g = torch.randn(2, c, c, generator=gen_).contiguous()
+    ref = {"rounded": sqrtm_recurrence(s, iters, g, tf32_products),
+           "exact": sqrtm_recurrence(s, iters, g, exact_products)}
+    # TF32 and the reference that rounds like it differ from the exact products by ~1e-3;
+    # the forward agrees with that reference to the bit (the emulated MMA's accumulation
+    # order is the reference's), the backward up to its two dot products' summation order.
+    # 3xTF32 and FFMA agree with the exact products to float rounding.
+    assert rel_err(ref["rounded"][0], ref["exact"][0].double()) > 1e-4
+    for math, want in ((TF32, "rounded"), (TF32X3, "exact"), (FFMA, "exact")):
+        out, saved = emu_sqrtm(emu, s, iters, TILED, math)
+        ds = emu_sqrtm_backward(emu, g, s, saved, iters, TILED, math)
+        if math == TF32:
+            assert torch.equal(out, ref[want][0])
+        assert rel_err(out, ref[want][0].double()) < 2e-6, math
+        assert rel_err(ds, ref[want][1].double()) < 2e-6, math
+    # Long mode computes float32 in float64, where TF32 does not apply.
+    s_long = s.double().contiguous()
+    assert torch.equal(emu_sqrtm(emu, s_long, 9, TILED, TF32)[0], emu_sqrtm(emu, s_long, 9, TILED, FFMA)[0])

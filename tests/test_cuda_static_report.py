@@ -89,3 +89,14 @@ def test_on_chip_geometry_matches_the_kernels():
     assert (largest("double", False, 227 * 1024), largest("double", True, 227 * 1024)) == (96, 90)
     assert report.resident_warps(90, 168, 144 + report.on_chip_smem(128, "float", True), 160) == 5
     assert report.resident_warps(80, 168, 144 + report.on_chip_smem(128, "float", False), 160) == 0
+
+
+def test_short_names_of_the_tf32_variants():
+    base = "_ZN6mpncov4cuda54_GLOBAL__N__c4e53ba4_15_sqrtm_kernel_cu_52226bb8_1139214product_kernelI"
+    assert report.short_name(base + "fLi0EEEvNS1_11ProductArgsIT_EE") == "product_kernel<float>"
+    assert report.short_name(base + "fLi1EEEvNS1_11ProductArgsIT_EE") == "product_kernel<float, tf32>"
+    assert report.short_name(base + "fLi2EEEvNS1_11ProductArgsIT_EE") == (
+        "product_kernel<float, 3xtf32>")
+    assert report.is_mma_kernel(base + "fLi2EEEvNS1_11ProductArgsIT_EE")
+    assert report.is_tile_kernel(base + "fLi1EEEvNS1_11ProductArgsIT_EE")
+    assert report.classify("HMMA.1688.F32.TF32") == "MMA" and report.classify("STL") == "local"

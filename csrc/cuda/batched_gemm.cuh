@@ -31,6 +31,7 @@
 
 #include "async_copy.cuh"
 #include "common.cuh"
+#include "mma_tf32.cuh"
 
 namespace mpncov {
 namespace cuda {
@@ -43,12 +44,24 @@ constexpr int kDimY = 8;                    // threads along rows
 constexpr int kBlock = kDimX * kDimY;       // 64 threads
 constexpr int kPerY = kTile / kDimY;        // 8 rows per thread
 constexpr int kPerX = kTile / kDimX;        // 8 columns per thread
-constexpr int kPitch = kTile + 4;           // shared row pitch: keeps 16-byte alignment
+// Shared row pitch: 16-byte aligned rows, and 8 banks apart (72 = 8 mod 32), so that the
+// TF32 fragment loads (rows t and t + 4 of four lanes, 8 columns g) hit 32 distinct banks.
+constexpr int kPitch = kTile + 8;
 constexpr int kVec = 4;                     // elements per staged vector
 constexpr int kStagedPerThread = kTile * kSlab / kBlock;  // 16 values per operand and slab
 // Resident blocks per SM the float kernels are compiled for: 6 x 2 warps = 12 warps,
 // which caps registers at 65536 / (6 * 64) = 170 per thread (ptxas must not spill).
 constexpr int kMinBlocksFloat = 6;
+// The TF32 variants (kMath != 0) are compiled for 5 blocks (up to 204 registers), which
+// lets ptxas keep the MMA loop free of spills; it still allocates at most 168 registers
+// (12 warps per SM) and keeps up to 36 bytes of long-lived values in local memory outside
+// that loop in covpool's kernels (benchmarks/results/static/cuda-kernels.md).
+constexpr int kMinBlocksMma = 5;
+// __launch_bounds__ minimum blocks of a tile kernel of element type T and math kMath.
+template <typename T, int kMath>
+constexpr int min_blocks() {
+  return sizeof(T) != 4 ? 1 : (kMath == 0 ? kMinBlocksFloat : kMinBlocksMma);
+}
 static_assert(kPerY == 8 && kPerX == 8, "tile_row / tile_col assume 8 x 8 per thread");
 static_assert(kStagedPerThread == kSlab && kTile == kBlock, "staging layout below");
 
@@ -243,6 +256,76 @@ __device__ __forceinline__ bool slab_is_fast(const Operand<T>& op, int x0, int k
   return x0 + kTile <= xs && k0 + kSlab <= ks && (op.ld % kVec) == 0 && aligned16(op.p);
 }
 
+// ---- the TF32 tensor-core variant (float only, Fp32Math::kTf32 / k3xTf32) ----------------
+// Warp w computes rows 32 w .. 32 w + 31 of the tile as 2 x 8 MMA tiles of 16 x 8 (mi, ni);
+// the thread's 64 accumulators are the D fragments of those 16 MMAs: acc[r][c] with
+// r = 4 (ni / 4) + 2 mi + h, c = 2 (ni % 4) + e holds D(8 h + g, 2 t + e) of MMA (mi, ni),
+// i.e. tile element (mma_row(r), mma_col(r, c)).
+__device__ __forceinline__ int mma_row(int r) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  return 32 * (static_cast<int>(threadIdx.x) >> 5) + 16 * ((r >> 1) & 1) + 8 * (r & 1) +
+         (lane >> 2);
+}
+__device__ __forceinline__ int mma_col(int r, int c) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  return 8 * (4 * (r >> 2) + (c >> 1)) + 2 * (lane & 3) + (c & 1);
+}
+
+// big = tf32(x); small = tf32(x - big) (3xTF32 only).
+template <int kMath>
+__device__ __forceinline__ void split_tf32(float x, uint32_t& big, uint32_t& small) {
+  big = mma::to_tf32(x);
+  if (kMath == static_cast<int>(Fp32Math::k3xTf32)) small = mma::to_tf32(x - mma::tf32_value(big));
+}
+
+// acc += the slab's products by TF32 MMAs: for each k8 half of the slab, the thread loads
+// its A fragments of rows 32 w + 16 mi (+ g, + 8) at rows t, t + 4 of the slab, rounds
+// them to TF32 (split in two for 3xTF32), then for each n-tile ni its B fragments of
+// column 8 ni + g and issues the MMAs of both m-tiles (16, or 48 for 3xTF32, per k8). B
+// fragments are loaded per n-tile so that few are live next to the 64 accumulators.
+template <int kMath>
+__device__ __forceinline__ void multiply_slab_mma(float (&acc)[kPerY][kPerX],
+                                                  const Stage<float>& st) {
+  constexpr bool k3x = kMath == static_cast<int>(Fp32Math::k3xTf32);
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int m0 = 32 * (static_cast<int>(threadIdx.x) >> 5);
+  // Rolled: unrolled, ptxas hoists the second half's fragment loads and spills at the
+  // 168 registers of 6 blocks per SM.
+#pragma unroll 1
+  for (int ks = 0; ks < kSlab; ks += 8) {
+    uint32_t ab[2][4], as[2][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+      const int m = m0 + 16 * mi + g;
+      split_tf32<kMath>(st.a[ks + t][m], ab[mi][0], as[mi][0]);
+      split_tf32<kMath>(st.a[ks + t][m + 8], ab[mi][1], as[mi][1]);
+      split_tf32<kMath>(st.a[ks + t + 4][m], ab[mi][2], as[mi][2]);
+      split_tf32<kMath>(st.a[ks + t + 4][m + 8], ab[mi][3], as[mi][3]);
+    }
+#pragma unroll
+    for (int ni = 0; ni < 8; ++ni) {
+      uint32_t bb[2], bs[2];
+      split_tf32<kMath>(st.b[ks + t][8 * ni + g], bb[0], bs[0]);
+      split_tf32<kMath>(st.b[ks + t + 4][8 * ni + g], bb[1], bs[1]);
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi) {
+        const int r = 4 * (ni >> 2) + 2 * mi, c = 2 * (ni & 3);
+        float d[4] = {acc[r][c], acc[r][c + 1], acc[r + 1][c], acc[r + 1][c + 1]};
+        if (k3x) {
+          mma::mma_m16n8k8(d, as[mi], bb);
+          mma::mma_m16n8k8(d, ab[mi], bs);
+        }
+        mma::mma_m16n8k8(d, ab[mi], bb);
+        acc[r][c] = d[0];
+        acc[r][c + 1] = d[1];
+        acc[r + 1][c] = d[2];
+        acc[r + 1][c + 1] = d[3];
+      }
+    }
+  }
+}
+
 // acc[r][c] += sum_k a[k][tile_row(r)] * b[k][tile_col(c)] over one staged slab.
 template <typename T>
 __device__ __forceinline__ void multiply_slab(T (&acc)[kPerY][kPerX], const Stage<T>& st) {
@@ -277,12 +360,16 @@ struct Terms {
 
 // acc[r][c] = sum_i sum_{k < K_i} P_i(row0 + tile_row(r), k) Q_i(k, col0 + tile_col(c)).
 // Both terms run as one sequence of slabs, so the pipeline does not drain between them.
-// kTwoTerms = false: terms.p[0] @ terms.q[0] only. Must be called by all threads of the
-// block (it synchronises); on return the shared memory is free.
-template <typename T, bool kTwoTerms = true>
+// kTwoTerms = false: terms.p[0] @ terms.q[0] only. kMath (an Fp32Math, float only): the
+// slab multiply by FFMA or by TF32 MMAs (acc then in the MMA layout, see mma_row).
+// kNoKContig: the caller has no k_contig operand (covpool's kernels), so no fast slab is
+// held in registers across the multiply (those registers go to the multiply). Must be
+// called by all threads of the block (it synchronises); on return the shared memory is free.
+template <typename T, bool kTwoTerms = true, int kMath = 0, bool kNoKContig = false>
 __device__ __forceinline__ void accumulate(T (&acc)[kPerY][kPerX], Smem<T>& sm,
                                            const Terms<T>& terms, int row0, int col0) {
-  constexpr bool kPrefetchRegisters = sizeof(T) == 4;
+  static_assert(kMath == 0 || sizeof(T) == 4, "TF32 products are for float");
+  constexpr bool kPrefetchRegisters = sizeof(T) == 4 && !kNoKContig;
 #pragma unroll
   for (int r = 0; r < kPerY; ++r)
 #pragma unroll
@@ -341,7 +428,11 @@ __device__ __forceinline__ void accumulate(T (&acc)[kPerY][kPerX], Smem<T>& sm,
       async_copy::wait<0>();
     }
     __syncthreads();  // ... and every thread's copies and stores of slab s are visible.
-    multiply_slab(acc, sm.stage[s & 1]);
+    if constexpr (kMath == 0) {
+      multiply_slab(acc, sm.stage[s & 1]);
+    } else {
+      multiply_slab_mma<kMath>(acc, sm.stage[s & 1]);
+    }
     if (next) finish(s + 1, sm.stage[(s + 1) & 1]);
     // Stage s & 1 is free for slab s + 2 only once every thread has multiplied it.
     __syncthreads();
@@ -350,11 +441,23 @@ __device__ __forceinline__ void accumulate(T (&acc)[kPerY][kPerX], Smem<T>& sm,
 
 // Writes the thread's accumulators into the shared output tile, as in the product
 // (transposed = false: tile[i][j] = acc(i, j)) or transposed (tile[j][i] = acc(i, j)),
-// 16-byte stores either way (a thread owns 4 consecutive rows and 4 consecutive columns).
-template <typename T>
+// 16-byte stores either way (a thread owns 4 consecutive rows and 4 consecutive columns);
+// the MMA layout (kMath != 0) with scalar stores.
+template <int kMath, typename T>
 __device__ __forceinline__ void acc_to_tile(T (*tile)[kPitch], const T (&acc)[kPerY][kPerX],
                                             bool transposed) {
-  if (!transposed) {
+  if (kMath != 0) {
+#pragma unroll
+    for (int r = 0; r < kPerY; ++r)
+#pragma unroll
+      for (int c = 0; c < kPerX; ++c) {
+        if (transposed) {
+          tile[mma_col(r, c)][mma_row(r)] = acc[r][c];
+        } else {
+          tile[mma_row(r)][mma_col(r, c)] = acc[r][c];
+        }
+      }
+  } else if (!transposed) {
 #pragma unroll
     for (int r = 0; r < kPerY; ++r)
 #pragma unroll
@@ -416,14 +519,15 @@ __device__ __forceinline__ void load_masked(const T* src, T (&v)[4], const bool 
 // taking consecutive segments so that emit's global accesses are coalesced. With
 // `mirror`, a second pass calls emit for the transposed tile at (col0, row0) with
 // v[e] = acc(j + e, i) (mirrored = true). emit applies bounds and masks. Uses the shared
-// memory, which must be free (accumulate leaves it so); all threads must call it.
-template <typename T, typename Emit>
+// memory, which must be free (accumulate leaves it so); all threads must call it. kMath:
+// the layout of acc (that of accumulate).
+template <int kMath = 0, typename T, typename Emit>
 __device__ __forceinline__ void epilogue(Smem<T>& sm, const T (&acc)[kPerY][kPerX], int row0,
                                          int col0, bool mirror, Emit&& emit) {
   for (int pass = 0; pass < (mirror ? 2 : 1); ++pass) {
     const bool mirrored = pass == 1;
     if (mirrored) __syncthreads();  // every thread has read the first pass's tile
-    acc_to_tile(sm.tile, acc, mirrored);
+    acc_to_tile<kMath>(sm.tile, acc, mirrored);
     __syncthreads();
     const int i0 = mirrored ? col0 : row0;
     const int j0 = mirrored ? row0 : col0;

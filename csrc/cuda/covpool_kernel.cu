@@ -86,8 +86,8 @@ __global__ void __launch_bounds__(kThreads)
 // With splits > 1, blockIdx.x = tile * splits + part and the
 // block sums positions [part * kper, (part + 1) * kper) only, writing the unscaled
 // partial sum into out + part * batch * c * c (added up by covpool_sum_parts_kernel).
-template <typename T>
-__global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlocksFloat : 1)
+template <typename T, int kMath>
+__global__ void __launch_bounds__(gemm::kBlock, gemm::min_blocks<T, kMath>())
     covpool_kernel(const T* __restrict__ xct, T* __restrict__ out, int c, int m, int64_t batch,
                    int splits, int kper, bool vec) {
   __shared__ gemm::Smem<T> sm;
@@ -109,9 +109,10 @@ __global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlock
     terms.k[0] = terms.k[1] = kn;
     terms.count = 1;
     T acc[kPerY][kPerX];
-    gemm::accumulate<T, /*kTwoTerms=*/false>(acc, sm, terms, row0, col0);
+    gemm::accumulate<T, /*kTwoTerms=*/false, kMath, /*kNoKContig=*/true>(acc, sm, terms, row0,
+                                                                         col0);
     T* o = dst + b * c * static_cast<int64_t>(c);
-    gemm::epilogue(sm, acc, row0, col0, /*mirror=*/true, [&](int i, int j, T(&v)[4], bool mirrored) {
+    gemm::epilogue<kMath>(sm, acc, row0, col0, /*mirror=*/true, [&](int i, int j, T(&v)[4], bool mirrored) {
       if (i >= c) return;
       bool keep[4];
 #pragma unroll
@@ -152,8 +153,8 @@ __global__ void __launch_bounds__(kThreads)
 // dX = (1/m) H Xc with H = G + G^T (c x c, exactly symmetric: read as H^T, vectors
 // along the tile) and Xc = X - mean (c x m). Full output: blockIdx.x numbers the tiles of
 // the c x m result row by row.
-template <typename T>
-__global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlocksFloat : 1)
+template <typename T, int kMath>
+__global__ void __launch_bounds__(gemm::kBlock, gemm::min_blocks<T, kMath>())
     covpool_backward_kernel(const T* __restrict__ h, const T* __restrict__ xc,
                             T* __restrict__ dx, int c, int m, int64_t batch, bool vec) {
   __shared__ gemm::Smem<T> sm;
@@ -169,9 +170,10 @@ __global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlock
     terms.k[0] = terms.k[1] = c;
     terms.count = 1;
     T acc[kPerY][kPerX];
-    gemm::accumulate<T, /*kTwoTerms=*/false>(acc, sm, terms, row0, col0);
+    gemm::accumulate<T, /*kTwoTerms=*/false, kMath, /*kNoKContig=*/true>(acc, sm, terms, row0,
+                                                                         col0);
     T* o = dx + xoff;
-    gemm::epilogue(sm, acc, row0, col0, /*mirror=*/false, [&](int i, int j, T(&v)[4], bool) {
+    gemm::epilogue<kMath>(sm, acc, row0, col0, /*mirror=*/false, [&](int i, int j, T(&v)[4], bool) {
       if (i >= c) return;
       bool keep[4];
 #pragma unroll
@@ -197,7 +199,7 @@ cudaError_t launch_centre(const T* x, T* xc, int64_t rows_total, int m, cudaStre
 
 template <typename T>
 cudaError_t covpool_forward(const T* x, T* out, T* work, int64_t batch, int64_t c, int64_t m,
-                            cudaStream_t stream) {
+                            Fp32Math math, cudaStream_t stream) {
   if (batch == 0 || c == 0) return cudaSuccess;
   if (batch < 0 || !fits_int(c) || !fits_int(m) || m < 1) return cudaErrorInvalidValue;
   const int64_t blocks = gemm::square_tile_blocks(c, /*upper=*/true);
@@ -219,10 +221,13 @@ cudaError_t covpool_forward(const T* x, T* out, T* work, int64_t batch, int64_t 
   T* dst = splits > 1 ? work + batch * c * m : out;
   const dim3 grid(static_cast<unsigned int>(blocks * splits), grid_y_for_batch(batch));
   const bool vec = c % gemm::kVec == 0 && gemm::aligned16(dst);
-  covpool_kernel<T><<<grid, gemm::kBlock, 0, stream>>>(xct, dst, static_cast<int>(c),
-                                                       static_cast<int>(m), batch, splits, kper,
-                                                       vec);
-  err = cudaGetLastError();
+  err = with_fp32_math<T>(math, [&](auto mt) {
+    constexpr int M = decltype(mt)::value;
+    covpool_kernel<T, M><<<grid, gemm::kBlock, 0, stream>>>(xct, dst, static_cast<int>(c),
+                                                           static_cast<int>(m), batch, splits,
+                                                           kper, vec);
+    return cudaGetLastError();
+  });
   if (err != cudaSuccess || splits == 1) return err;
   const int64_t total = batch * c * c;
   covpool_sum_parts_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(
@@ -232,7 +237,7 @@ cudaError_t covpool_forward(const T* x, T* out, T* work, int64_t batch, int64_t 
 
 template <typename T>
 cudaError_t covpool_backward(const T* grad, const T* x, T* dx, T* work, int64_t batch, int64_t c,
-                             int64_t m, cudaStream_t stream) {
+                             int64_t m, Fp32Math math, cudaStream_t stream) {
   if (batch == 0 || c == 0) return cudaSuccess;
   if (batch < 0 || !fits_int(c) || !fits_int(m) || m < 1) return cudaErrorInvalidValue;
   const int64_t blocks = static_cast<int64_t>(gemm::tiles_for(static_cast<int>(c))) *
@@ -249,19 +254,22 @@ cudaError_t covpool_backward(const T* grad, const T* x, T* dx, T* work, int64_t 
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned int>(blocks), grid_y_for_batch(batch));
   const bool vec = m % gemm::kVec == 0 && gemm::aligned16(dx);
-  covpool_backward_kernel<T><<<grid, gemm::kBlock, 0, stream>>>(
-      h, xc, dx, static_cast<int>(c), static_cast<int>(m), batch, vec);
-  return cudaGetLastError();
+  return with_fp32_math<T>(math, [&](auto mt) {
+    constexpr int M = decltype(mt)::value;
+    covpool_backward_kernel<T, M><<<grid, gemm::kBlock, 0, stream>>>(
+        h, xc, dx, static_cast<int>(c), static_cast<int>(m), batch, vec);
+    return cudaGetLastError();
+  });
 }
 
 template cudaError_t covpool_forward<float>(const float*, float*, float*, int64_t, int64_t,
-                                            int64_t, cudaStream_t);
+                                            int64_t, Fp32Math, cudaStream_t);
 template cudaError_t covpool_forward<double>(const double*, double*, double*, int64_t, int64_t,
-                                             int64_t, cudaStream_t);
+                                             int64_t, Fp32Math, cudaStream_t);
 template cudaError_t covpool_backward<float>(const float*, const float*, float*, float*, int64_t,
-                                             int64_t, int64_t, cudaStream_t);
+                                             int64_t, int64_t, Fp32Math, cudaStream_t);
 template cudaError_t covpool_backward<double>(const double*, const double*, double*, double*,
-                                              int64_t, int64_t, int64_t, cudaStream_t);
+                                              int64_t, int64_t, int64_t, Fp32Math, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace mpncov

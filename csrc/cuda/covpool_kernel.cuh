@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "fp32_math.h"  // Fp32Math
+
 namespace mpncov {
 namespace cuda {
 
@@ -46,15 +48,16 @@ inline int64_t covpool_backward_workspace(int64_t batch, int64_t c, int64_t m) {
   return batch * c * m + batch * c * c;
 }
 
-// out = S (batch, c, c). Requires m >= 1.
+// out = S (batch, c, c). Requires m >= 1. `math`: how float products run (mma_tf32.cuh;
+// double always FFMA).
 template <typename T>
 cudaError_t covpool_forward(const T* x, T* out, T* work, int64_t batch, int64_t c, int64_t m,
-                            cudaStream_t stream);
+                            Fp32Math math, cudaStream_t stream);
 
 // dx (batch, c, m) from grad (batch, c, c) and x. Requires m >= 1.
 template <typename T>
 cudaError_t covpool_backward(const T* grad, const T* x, T* dx, T* work, int64_t batch, int64_t c,
-                             int64_t m, cudaStream_t stream);
+                             int64_t m, Fp32Math math, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mpncov

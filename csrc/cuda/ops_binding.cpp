@@ -93,14 +93,50 @@ bool use_cublas_products() {
   return true;
 }
 
+// MPNCOV_CUDA_TF32 (read at every call): how the hand-written kernels compute float32
+// products (covpool, covpool_backward, the tiled sqrtm products; mma_tf32.cuh). "auto"
+// (default): TF32 tensor-core MMAs where torch allows TF32 for float32 matmuls
+// (torch.backends.cuda.matmul.allow_tf32, or torch.set_float32_matmul_precision other than
+// "highest"), else fp32-exact FFMA; "off": always FFMA; "on": always TF32; "3x": 3xTF32
+// (three TF32 MMAs per product, about float32 accuracy). Before sm_80 (no TF32): FFMA.
+mpncov::cuda::Fp32Math fp32_math(const Tensor& t) {
+  using mpncov::cuda::Fp32Math;
+  const char* v = std::getenv("MPNCOV_CUDA_TF32");
+  Fp32Math math = Fp32Math::kFfma;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) {
+    const auto& ctx = at::globalContext();
+    if (ctx.allowTF32CuBLAS() ||
+        ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST)
+      math = Fp32Math::kTf32;
+  } else if (std::strcmp(v, "on") == 0) {
+    math = Fp32Math::kTf32;
+  } else if (std::strcmp(v, "3x") == 0) {
+    math = Fp32Math::k3xTf32;
+  } else {
+    TORCH_CHECK_VALUE(std::strcmp(v, "off") == 0,
+                      "mpncov: MPNCOV_CUDA_TF32 must be 'auto', 'off', 'on' or '3x', got '", v,
+                      "'");
+  }
+  int major = 0;
+  if (math != Fp32Math::kFfma &&
+      (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, t.get_device()) !=
+           cudaSuccess ||
+       major < 8)) {
+    cudaGetLastError();
+    math = Fp32Math::kFfma;
+  }
+  return math;
+}
+
 // MPNCOV_CUDA_SQRTM (read at every call): "auto" (default) runs sqrtm's hand-written
 // kernels on chip where that path serves the call (n <= 128, iters <= 8, its shared memory
-// within the device's limit: sqrtm_on_chip.cuh) and tiled elsewhere; "tiled" always runs
-// the tiled path; "onchip" requires the on-chip path (an error where it does not serve),
-// so that one GPU run can time both.
+// within the device's limit: sqrtm_on_chip.cuh) and its products are FFMA, and tiled
+// elsewhere (so TF32, where allowed, runs in the tiled path's tensor-core products);
+// "tiled" always runs the tiled path; "onchip" requires the on-chip path (FFMA products;
+// an error where it does not serve), so that one GPU run can time both.
 template <typename T>
 mpncov::cuda::SqrtmPath sqrtm_path_of_call(int64_t n, int64_t iters, bool backward,
-                                           const char* op) {
+                                           mpncov::cuda::Fp32Math math, const char* op) {
   using mpncov::cuda::SqrtmPath;
   const char* v = std::getenv("MPNCOV_CUDA_SQRTM");
   const bool tiled = v != nullptr && std::strcmp(v, "tiled") == 0;
@@ -108,7 +144,9 @@ mpncov::cuda::SqrtmPath sqrtm_path_of_call(int64_t n, int64_t iters, bool backwa
   TORCH_CHECK_VALUE(v == nullptr || *v == '\0' || tiled || required || std::strcmp(v, "auto") == 0,
                     "mpncov: MPNCOV_CUDA_SQRTM must be 'auto', 'tiled' or 'onchip', got '", v,
                     "'");
-  const SqrtmPath path = mpncov::cuda::sqrtm_path<T>(n, iters, backward, !tiled);
+  const bool ffma = sizeof(T) == 8 || math == mpncov::cuda::Fp32Math::kFfma;
+  const SqrtmPath path =
+      mpncov::cuda::sqrtm_path<T>(n, iters, backward, required || (!tiled && ffma));
   TORCH_CHECK(!required || path == SqrtmPath::kOnChip, "mpncov.", op,
               ": MPNCOV_CUDA_SQRTM=onchip, but the on-chip kernel does not serve C = ", n,
               ", iters = ", iters, " in ", sizeof(T) == 4 ? "float32" : "float64",
@@ -146,7 +184,7 @@ Tensor covpool_cuda(const Tensor& x) {
     Tensor work = at::empty({mpncov::cuda::covpool_forward_workspace(b, c, m)}, xc.options());
     check_launch(mpncov::cuda::covpool_forward<scalar_t>(
                      xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                     work.data_ptr<scalar_t>(), b, c, m, current_stream()),
+                     work.data_ptr<scalar_t>(), b, c, m, fp32_math(x), current_stream()),
                  "covpool");
   });
   return out.to(x.scalar_type());
@@ -177,7 +215,7 @@ Tensor covpool_backward_cuda(const Tensor& grad, const Tensor& x) {
     Tensor work = at::empty({mpncov::cuda::covpool_backward_workspace(b, c, m)}, xc.options());
     check_launch(mpncov::cuda::covpool_backward<scalar_t>(
                      gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-                     work.data_ptr<scalar_t>(), b, c, m, current_stream()),
+                     work.data_ptr<scalar_t>(), b, c, m, fp32_math(x), current_stream()),
                  "covpool_backward");
   });
   return dx.view(x.sizes()).to(x.scalar_type());
@@ -203,14 +241,15 @@ std::tuple<Tensor, Tensor> sqrtm_cuda(const Tensor& s, int64_t iters) {
     return {root.to(s.scalar_type()), saved_aten};
   }
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_sqrtm_cuda", [&] {
-    const auto path = sqrtm_path_of_call<scalar_t>(n, iters, false, "sqrtm");
+    const auto math = fp32_math(s);
+    const auto path = sqrtm_path_of_call<scalar_t>(n, iters, false, math, "sqrtm");
     const bool tiled = path == mpncov::cuda::SqrtmPath::kTiled;
     Tensor work = at::empty({tiled ? mpncov::cuda::sqrtm_forward_workspace(b, n, iters) : 0},
                             opts);
     check_launch(mpncov::cuda::sqrtm_forward<scalar_t>(
                      sc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                      saved.data_ptr<scalar_t>(), work.data_ptr<scalar_t>(), b, n, iters, path,
-                     current_stream()),
+                     math, current_stream()),
                  "sqrtm");
   });
   return {out.to(s.scalar_type()), saved};
@@ -246,14 +285,15 @@ Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& sa
   if (use_cublas_products())
     return mpncov::cuda::sqrtm_backward_aten(gc, sc, savedc, iters).to(s.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_sqrtm_backward_cuda", [&] {
-    const auto path = sqrtm_path_of_call<scalar_t>(n, iters, true, "sqrtm_backward");
+    const auto math = fp32_math(s);
+    const auto path = sqrtm_path_of_call<scalar_t>(n, iters, true, math, "sqrtm_backward");
     const bool tiled = path == mpncov::cuda::SqrtmPath::kTiled;
     Tensor work = at::empty({tiled ? mpncov::cuda::sqrtm_backward_workspace(b, n, iters) : 0},
                             opts);
     check_launch(mpncov::cuda::sqrtm_backward<scalar_t>(
                      gc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                      savedc.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(),
-                     work.data_ptr<scalar_t>(), b, n, iters, path, current_stream()),
+                     work.data_ptr<scalar_t>(), b, n, iters, path, math, current_stream()),
                  "sqrtm_backward");
   });
   return ds.to(s.scalar_type());

@@ -74,8 +74,9 @@ struct ProductArgs {
   int64_t batch;
 };
 
-template <typename T>
-__global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlocksFloat : 1)
+// kMath: an Fp32Math (FFMA, TF32, 3xTF32; float only).
+template <typename T, int kMath>
+__global__ void __launch_bounds__(gemm::kBlock, gemm::min_blocks<T, kMath>())
     product_kernel(const ProductArgs<T> args) {
   __shared__ gemm::Smem<T> sm;
   __shared__ T scratch[32];
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlock
       terms.k[i] = n;
     }
     T acc[kPerY][kPerX];
-    gemm::accumulate(acc, sm, terms, row0, col0);
+    gemm::accumulate<T, true, kMath>(acc, sm, terms, row0, col0);
 
     const T tb = job.trace != nullptr ? job.trace[b] : T(0);
     const T root = dev_sqrt(safe_trace(tb));
@@ -112,7 +113,7 @@ __global__ void __launch_bounds__(gemm::kBlock, sizeof(T) == 4 ? gemm::kMinBlock
     T* ob = job.out != nullptr ? job.out + b * job.out_bstride : nullptr;
     T* o2b = job.out2 != nullptr ? job.out2 + b * job.out2_bstride : nullptr;
     T dot = T(0);
-    gemm::epilogue(sm, acc, row0, col0, job.upper, [&](int i, int j, T(&v)[4], bool mirrored) {
+    gemm::epilogue<kMath>(sm, acc, row0, col0, job.upper, [&](int i, int j, T(&v)[4], bool mirrored) {
       if (i >= n) return;
       bool keep[4];
 #pragma unroll
@@ -261,6 +262,7 @@ template <typename T>
 struct Runner {
   int n;
   int64_t batch;
+  Fp32Math math;
   cudaStream_t stream;
 
   static Mat<T> none() { return Mat<T>{nullptr, 0}; }
@@ -321,8 +323,11 @@ struct Runner {
     }
     if (!fits_int(blocks)) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned int>(blocks), grid_y_for_batch(batch));
-    product_kernel<T><<<grid, gemm::kBlock, 0, stream>>>(args);
-    return cudaGetLastError();
+    return with_fp32_math<T>(math, [&](auto m) {
+      constexpr int M = decltype(m)::value;
+      product_kernel<T, M><<<grid, gemm::kBlock, 0, stream>>>(args);
+      return cudaGetLastError();
+    });
   }
   cudaError_t launch_pair(Job<T> j0, Job<T> j1) const { return launch(j0, &j1); }
 
@@ -349,7 +354,7 @@ SqrtmPath sqrtm_path(int64_t n, int64_t iters, bool backward, bool allow_on_chip
 
 template <typename T>
 cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, int64_t n,
-                          int64_t iters, SqrtmPath path, cudaStream_t stream) {
+                          int64_t iters, SqrtmPath path, Fp32Math math, cudaStream_t stream) {
   if (batch == 0 || n == 0) return cudaSuccess;
   if (batch < 0 || !fits_int(n) || !sqrtm_iters_valid(iters)) return cudaErrorInvalidValue;
   if (path == SqrtmPath::kOnChip)
@@ -358,7 +363,7 @@ cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, 
   const bool mirror_tz = sqrtm_mirrors_tz(iters);
   const int64_t nn = n * n;
   const int64_t sb = sqrtm_saved_slots(iters) * nn;  // batch stride of saved
-  const Runner<T> run{static_cast<int>(n), batch, stream};
+  const Runner<T> run{static_cast<int>(n), batch, math, stream};
 
   // saved slots: Y_k = k-1, Z_k = N-1 + k-1, T_k = 2(N-1) + k-1 (k = 1..N-1), Y = 3(N-1).
   auto Y = [&](int k) { return saved + (k - 1) * nn; };
@@ -422,7 +427,7 @@ cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, 
 template <typename T>
 cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s, T* work,
                            int64_t batch, int64_t n, int64_t iters, SqrtmPath path,
-                           cudaStream_t stream) {
+                           Fp32Math math, cudaStream_t stream) {
   if (batch == 0 || n == 0) return cudaSuccess;
   if (batch < 0 || !fits_int(n) || !sqrtm_iters_valid(iters)) return cudaErrorInvalidValue;
   if (path == SqrtmPath::kOnChip)
@@ -432,7 +437,7 @@ cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s,
   const int64_t nn = n * n;
   const int64_t sb = sqrtm_saved_slots(iters) * nn;
   const int64_t total = batch * nn;
-  const Runner<T> run{static_cast<int>(n), batch, stream};
+  const Runner<T> run{static_cast<int>(n), batch, math, stream};
 
   auto S = [&](int64_t slot) { return Mat<T>{saved + slot * nn, sb}; };
   auto Y = [&](int k) { return S(k - 1); };
@@ -512,15 +517,15 @@ cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s,
 template SqrtmPath sqrtm_path<float>(int64_t, int64_t, bool, bool);
 template SqrtmPath sqrtm_path<double>(int64_t, int64_t, bool, bool);
 template cudaError_t sqrtm_forward<float>(const float*, float*, float*, float*, int64_t, int64_t,
-                                          int64_t, SqrtmPath, cudaStream_t);
+                                          int64_t, SqrtmPath, Fp32Math, cudaStream_t);
 template cudaError_t sqrtm_forward<double>(const double*, double*, double*, double*, int64_t,
-                                           int64_t, int64_t, SqrtmPath, cudaStream_t);
+                                           int64_t, int64_t, SqrtmPath, Fp32Math, cudaStream_t);
 template cudaError_t sqrtm_backward<float>(const float*, const float*, const float*, float*,
                                            float*, int64_t, int64_t, int64_t, SqrtmPath,
-                                           cudaStream_t);
+                                           Fp32Math, cudaStream_t);
 template cudaError_t sqrtm_backward<double>(const double*, const double*, const double*, double*,
                                             double*, int64_t, int64_t, int64_t, SqrtmPath,
-                                            cudaStream_t);
+                                            Fp32Math, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace mpncov

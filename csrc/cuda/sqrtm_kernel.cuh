@@ -36,6 +36,7 @@
 #include <cstdint>
 
 #include "../limits.h"  // kMaxIters, kMaxMirroredIters (shared with the CPU side)
+#include "fp32_math.h"  // Fp32Math
 
 namespace mpncov {
 namespace cuda {
@@ -94,16 +95,18 @@ SqrtmPath sqrtm_path(int64_t n, int64_t iters, bool backward, bool allow_on_chip
 
 // s (batch, n, n) -> out (batch, n, n), saved (batch, sqrtm_saved_slots(iters), n, n).
 // `path` as returned by sqrtm_path (kOnChip where it does not serve: cudaErrorInvalidValue).
+// `math`: how the tiled path's float products run (mma_tf32.cuh; double and the on-chip
+// path always use FFMA).
 template <typename T>
 cudaError_t sqrtm_forward(const T* s, T* out, T* saved, T* work, int64_t batch, int64_t n,
-                          int64_t iters, SqrtmPath path, cudaStream_t stream);
+                          int64_t iters, SqrtmPath path, Fp32Math math, cudaStream_t stream);
 
 // grad, s (batch, n, n), saved from sqrtm_forward -> grad_s (batch, n, n), exactly
 // symmetric.
 template <typename T>
 cudaError_t sqrtm_backward(const T* grad, const T* s, const T* saved, T* grad_s, T* work,
                            int64_t batch, int64_t n, int64_t iters, SqrtmPath path,
-                           cudaStream_t stream);
+                           Fp32Math math, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace mpncov

@@ -34,7 +34,7 @@ def build(out_dir: str | os.PathLike, cxx: str | None = None) -> pathlib.Path:
     # csrc/cuda includes "../limits.h": keep that relative layout.
     shutil.copy(CUDA_SRC.parent / "limits.h", out / "limits.h")
     for f in sorted(CUDA_SRC.iterdir()):
-        if f.suffix == ".cuh":
+        if f.suffix in (".cuh", ".h"):
             shutil.copy(f, src / f.name)
         elif f.suffix == ".cu":
             dst = src / (f.stem + ".cpp")
@@ -68,10 +68,10 @@ def load(out_dir: str | os.PathLike) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build(out_dir)))
     i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     sig = {
-        "covpool_forward": [ptr, ptr, i64, i64, i64],
-        "covpool_backward": [ptr, ptr, ptr, i64, i64, i64],
-        "sqrtm_forward": [ptr, ptr, ptr, i64, i64, i64, cint],
-        "sqrtm_backward": [ptr, ptr, ptr, ptr, i64, i64, i64, cint],
+        "covpool_forward": [ptr, ptr, i64, i64, i64, cint],
+        "covpool_backward": [ptr, ptr, ptr, i64, i64, i64, cint],
+        "sqrtm_forward": [ptr, ptr, ptr, i64, i64, i64, cint, cint],
+        "sqrtm_backward": [ptr, ptr, ptr, ptr, i64, i64, i64, cint, cint],
         "triuvec_forward": [ptr, ptr, i64, i64],
         "triuvec_backward": [ptr, ptr, i64, i64],
     }

@@ -17,18 +17,23 @@ std::vector<T> scratch(int64_t n) {
   return std::vector<T>(static_cast<size_t>(n > 0 ? n : 1), std::numeric_limits<T>::quiet_NaN());
 }
 
+// math: an mpncov::cuda::Fp32Math (0 FFMA, 1 TF32, 2 3xTF32).
+mpncov::cuda::Fp32Math fp32_math(int math) { return static_cast<mpncov::cuda::Fp32Math>(math); }
+
 template <typename T>
-int covpool_forward(const void* x, void* out, int64_t b, int64_t c, int64_t m) {
+int covpool_forward(const void* x, void* out, int64_t b, int64_t c, int64_t m, int math) {
   auto w = scratch<T>(mpncov::cuda::covpool_forward_workspace(b, c, m));
   return mpncov::cuda::covpool_forward<T>(static_cast<const T*>(x), static_cast<T*>(out),
-                                          w.data(), b, c, m, nullptr);
+                                          w.data(), b, c, m, fp32_math(math), nullptr);
 }
 
 template <typename T>
-int covpool_backward(const void* g, const void* x, void* dx, int64_t b, int64_t c, int64_t m) {
+int covpool_backward(const void* g, const void* x, void* dx, int64_t b, int64_t c, int64_t m,
+                     int math) {
   auto w = scratch<T>(mpncov::cuda::covpool_backward_workspace(b, c, m));
   return mpncov::cuda::covpool_backward<T>(static_cast<const T*>(g), static_cast<const T*>(x),
-                                           static_cast<T*>(dx), w.data(), b, c, m, nullptr);
+                                           static_cast<T*>(dx), w.data(), b, c, m,
+                                           fp32_math(math), nullptr);
 }
 
 // path: 0 the tiled path, 1 the on-chip path where it serves (as the binding's default),
@@ -40,7 +45,7 @@ mpncov::cuda::SqrtmPath pick_path(int path, bool on_chip_fits) {
 
 template <typename T>
 int sqrtm_forward(const void* s, void* out, void* saved, int64_t b, int64_t n, int64_t iters,
-                  int path) {
+                  int path, int math) {
   const auto chosen = pick_path(path, mpncov::cuda::sqrtm_path<T>(n, iters, false, true) ==
                                           mpncov::cuda::SqrtmPath::kOnChip);
   // An invalid iters must be refused by the launcher, not size the scratch; the on-chip
@@ -50,12 +55,12 @@ int sqrtm_forward(const void* s, void* out, void* saved, int64_t b, int64_t n, i
                           ? mpncov::cuda::sqrtm_forward_workspace(b, n, iters) : 1);
   return mpncov::cuda::sqrtm_forward<T>(static_cast<const T*>(s), static_cast<T*>(out),
                                         static_cast<T*>(saved), w.data(), b, n, iters, chosen,
-                                        nullptr);
+                                        fp32_math(math), nullptr);
 }
 
 template <typename T>
 int sqrtm_backward(const void* g, const void* s, const void* saved, void* ds, int64_t b,
-                   int64_t n, int64_t iters, int path) {
+                   int64_t n, int64_t iters, int path, int math) {
   const auto chosen = pick_path(path, mpncov::cuda::sqrtm_path<T>(n, iters, true, true) ==
                                           mpncov::cuda::SqrtmPath::kOnChip);
   auto w = scratch<T>(mpncov::cuda::sqrtm_iters_valid(iters) &&
@@ -63,7 +68,8 @@ int sqrtm_backward(const void* g, const void* s, const void* saved, void* ds, in
                           ? mpncov::cuda::sqrtm_backward_workspace(b, n, iters) : 1);
   return mpncov::cuda::sqrtm_backward<T>(static_cast<const T*>(g), static_cast<const T*>(s),
                                          static_cast<const T*>(saved), static_cast<T*>(ds),
-                                         w.data(), b, n, iters, chosen, nullptr);
+                                         w.data(), b, n, iters, chosen, fp32_math(math),
+                                         nullptr);
 }
 
 template <typename T>
@@ -87,19 +93,21 @@ int triuvec_backward(const void* g, void* out, int64_t b, int64_t n) {
   MPNCOV_EMU_EXPORT(name, f32, float, params, args)     \
   MPNCOV_EMU_EXPORT(name, f64, double, params, args)
 
-MPNCOV_EMU_EXPORT_BOTH(covpool_forward, (const void* x, void* out, int64_t b, int64_t c, int64_t m),
-                       (x, out, b, c, m))
+MPNCOV_EMU_EXPORT_BOTH(covpool_forward,
+                       (const void* x, void* out, int64_t b, int64_t c, int64_t m, int math),
+                       (x, out, b, c, m, math))
 MPNCOV_EMU_EXPORT_BOTH(covpool_backward,
-                       (const void* g, const void* x, void* dx, int64_t b, int64_t c, int64_t m),
-                       (g, x, dx, b, c, m))
+                       (const void* g, const void* x, void* dx, int64_t b, int64_t c, int64_t m,
+                        int math),
+                       (g, x, dx, b, c, m, math))
 MPNCOV_EMU_EXPORT_BOTH(sqrtm_forward,
                        (const void* s, void* out, void* saved, int64_t b, int64_t n, int64_t it,
-                        int path),
-                       (s, out, saved, b, n, it, path))
+                        int path, int math),
+                       (s, out, saved, b, n, it, path, math))
 MPNCOV_EMU_EXPORT_BOTH(sqrtm_backward,
                        (const void* g, const void* s, const void* saved, void* ds, int64_t b,
-                        int64_t n, int64_t it, int path),
-                       (g, s, saved, ds, b, n, it, path))
+                        int64_t n, int64_t it, int path, int math),
+                       (g, s, saved, ds, b, n, it, path, math))
 MPNCOV_EMU_EXPORT_BOTH(triuvec_forward, (const void* s, void* v, int64_t b, int64_t n),
                        (s, v, b, n))
 MPNCOV_EMU_EXPORT_BOTH(triuvec_backward, (const void* g, void* out, int64_t b, int64_t n),

@@ -53,6 +53,8 @@ struct AsyncCopy {
 std::vector<std::vector<AsyncCopy>> async_copies;
 std::vector<long long> async_groups;  // groups committed so far, per thread
 
+std::vector<uint32_t> mma_buffer;  // per warp: 32 lanes x (4 a, 2 b) fragments
+
 std::map<const void*, size_t> shared_limits;  // per kernel, set by cudaFuncSetAttribute
 std::vector<unsigned char> dynamic_buffer;
 size_t dynamic_bytes = 0;
@@ -77,6 +79,43 @@ void wait_at(int& arrived, unsigned long long& generation, int members) {
 }
 
 }  // namespace
+
+uint32_t cvt_rna_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return bits;  // NaN, infinity
+  // Sign and magnitude: adding half of the dropped unit to the magnitude rounds ties away
+  // from zero (a carry into the exponent is the correct rounding, up to infinity).
+  return (bits + 0x1000u) & ~0x1fffu;
+}
+
+void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int lane = linear_thread() & 31;
+  uint32_t* warp = mma_buffer.data() + (linear_thread() >> 5) * 32 * 6;
+  for (int i = 0; i < 4; ++i) warp[lane * 6 + i] = a[i];
+  for (int i = 0; i < 2; ++i) warp[lane * 6 + 4 + i] = b[i];
+  sync_warp();
+  auto value = [](uint32_t bits) {
+    bits &= ~0x1fffu;  // only the TF32 bits take part
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return static_cast<double>(f);
+  };
+  // A(row, k): lane 4 (row % 8) + k % 4, register (row >= 8) + 2 (k >= 4).
+  auto A = [&](int row, int k) {
+    return value(warp[((row % 8) * 4 + k % 4) * 6 + (row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
+  };
+  // B(k, col): lane 4 col + k % 4, register (k >= 4).
+  auto B = [&](int k, int col) { return value(warp[(col * 4 + k % 4) * 6 + 4 + (k >= 4 ? 1 : 0)]); };
+  const int g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    double sum = d[i];
+    for (int k = 0; k < 8; ++k) sum += A(row, k) * B(k, col);
+    d[i] = static_cast<float>(sum);
+  }
+  sync_warp();  // nobody overwrites the fragments before every lane has read
+}
 
 size_t dynamic_shared_limit(const void* kernel) {
   const auto it = shared_limits.find(kernel);
@@ -149,6 +188,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& fn) {
   warp_arrived.assign(nwarps, 0);
   warp_generation.assign(nwarps, 0);
   warp_buffer.assign(static_cast<size_t>(nwarps) * 32 * 16, 0);
+  mma_buffer.assign(static_cast<size_t>(nwarps) * 32 * 6, 0);
   async_copies.assign(nthreads, {});
   async_groups.assign(nthreads, 0);
   body = &fn;

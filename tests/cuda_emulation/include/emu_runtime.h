@@ -87,6 +87,16 @@ void cp_async(void* dst, const void* src, int bytes);
 void cp_async_commit();
 void cp_async_wait(int pending_groups_allowed);
 
+// cvt.rna.tf32.f32: x rounded to 10 mantissa bits, to nearest with ties away from zero
+// (the bits of a float whose low 13 bits are 0; NaN and infinity kept).
+uint32_t cvt_rna_tf32(float x);
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d += A B, warp-wide: every lane
+// hands in its fragments (layouts of the PTX ISA) and gets its part of D. The MMA reads only
+// the TF32 bits of a and b (the low 13 bits are ignored); the products are exact and the
+// sum c + sum_k a_k b_k is rounded once to float (a model of the hardware's internal
+// accumulation, which the ISA does not specify to the bit).
+void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+
 // Runs body() once per thread of every block of the grid.
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
 
