@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             print(f"CUDA check FAILED: {problem}")
         if problems:
             return 1
-        print(f"CUDA check passed: all {len(registered_ops())} operators have CUDA kernels")
+        print(f"CUDA check passed: all {len(registered_ops())} operators have a kernel for CUDA")
     return 0
 
 

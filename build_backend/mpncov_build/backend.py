@@ -10,7 +10,8 @@ places:
   `pip install .` / `-e .`): the child runs without pip's isolation variables and with the
   isolated build environment's setuptools ahead of the user's site-packages
   (build_isolation.py says why); it runs this module as a script, so in the child torch is
-  importable and the hook runs "here".
+  importable and the hook runs "here" (`python -m mpncov_build.backend`, BACKEND_DIR on the
+  child's PYTHONPATH).
 
 Where the hook runs "here" but setuptools cannot write wheels (setuptools older than 70.1
 without the `wheel` package, as in a fresh Python 3.11 venv, or older than 64 for editable
@@ -31,10 +32,7 @@ import subprocess
 import sys
 import tempfile
 
-if __package__ in (None, ""):  # run as a script: make the package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mpncov_build import build_isolation, torch_requirement, wheel_writer  # noqa: E402
+from mpncov_build import build_isolation, torch_requirement, wheel_writer
 
 #: The directory that holds this package (pyproject.toml's backend-path).
 BACKEND_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
