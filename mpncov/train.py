@@ -29,7 +29,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["make_synthetic", "load_folder", "build_parser", "main", "ProgressBar"]
+from ._progress import progress_bar
+
+__all__ = ["make_synthetic", "load_folder", "build_parser", "main"]
 
 
 # ------------------------------------------------------------------------------ data
@@ -132,36 +134,6 @@ def load_folder(root: str, img_size: int = 32, val_split: float = 0.2, seed: int
     return (xt, yt), (xv, yv), classes
 
 
-# -------------------------------------------------------------------------- progress
-class ProgressBar:
-    """A minimal progress bar on stderr (no dependency on tqdm)."""
-
-    def __init__(self, total: int, desc: str = "", enabled: bool = True, width: int = 24,
-                 stream=None):
-        self.total, self.desc, self.enabled, self.width = max(1, total), desc, enabled, width
-        self.stream = stream or sys.stderr
-        self.n = 0
-        self.t0 = time.time()
-
-    def update(self, n: int = 1, **postfix):
-        self.n += n
-        if not self.enabled:
-            return
-        frac = min(1.0, self.n / self.total)
-        fill = int(frac * self.width)
-        rate = self.n / max(1e-9, time.time() - self.t0)
-        post = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in postfix.items())
-        self.stream.write(f"\r{self.desc} [{'#' * fill}{'.' * (self.width - fill)}] "
-                          f"{self.n}/{self.total} {rate:.1f}it/s {post}")
-        self.stream.flush()
-
-    def close(self):
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 # ----------------------------------------------------------------------- distributed
 def _dist_env():
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -211,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                   help="no per-batch progress bar (it is shown only on a terminal and "
+                        "with tqdm installed)")
     p.add_argument("--model-kwargs", default=None, help="JSON dict passed to create_model")
     return p
 
@@ -234,7 +208,7 @@ def _run_epoch(model, loader, device, args, amp_dtype, optimizer=None, scheduler
     train = optimizer is not None
     model.train(train)
     tot_loss = tot_correct = tot_n = 0.0
-    bar = ProgressBar(len(loader), desc, enabled=show and args.progress)
+    bar = progress_bar(len(loader), desc, enabled=show and args.progress, unit="batch")
     mf = torch.channels_last if args.channels_last else torch.contiguous_format
     with torch.set_grad_enabled(train):
         for x, y in loader:
@@ -257,7 +231,8 @@ def _run_epoch(model, loader, device, args, amp_dtype, optimizer=None, scheduler
             tot_loss += loss.item() * n
             tot_correct += (out.argmax(1) == y).sum().item()
             tot_n += n
-            bar.update(loss=tot_loss / tot_n, acc=tot_correct / tot_n)
+            bar.set_postfix(loss=tot_loss / tot_n, acc=tot_correct / tot_n, refresh=False)
+            bar.update()
     bar.close()
     tot_loss, tot_correct, tot_n = _all_reduce_sum([tot_loss, tot_correct, tot_n], device)
     return tot_loss / max(tot_n, 1), tot_correct / max(tot_n, 1)

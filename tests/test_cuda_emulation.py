@@ -88,17 +88,17 @@ def test_sqrtm(emu, c, iters, dtype):
     call(emu, "sqrtm_forward", dtype, s, out, saved, b, c, iters)
     ref_out, ref_saved = torch.ops.mpncov.sqrtm(s, iters)
     close(out, ref_out, dtype)
-    close(saved, ref_saved, dtype)
+    live = [0, 2]  # sample 1 has a zero trace: the CPU op leaves its saved iterates unwritten
+    close(saved[live], ref_saved[live], dtype)
     assert torch.equal(out[1], torch.zeros_like(out[1])), "a zero matrix must give zero"
 
+    # The backward of sqrtm is the gradient of f(sym(S)): the kernels' symmetric mode.
     g = torch.randn(b, c, c, generator=torch.Generator().manual_seed(7), dtype=dtype)
-    for symmetric in (False, True):
-        ds = nan_filled((b, c, c), dtype)
-        call(emu, "sqrtm_backward", dtype, g, s, saved, ds, b, c, iters, int(symmetric))
-        close(ds, torch.ops.mpncov.sqrtm_backward(g, s, ref_saved, iters, symmetric), dtype)
-        assert torch.equal(ds[1], torch.zeros_like(ds[1])), "zero trace must give zero grad"
-        if symmetric:
-            assert torch.equal(ds, ds.transpose(1, 2)), "symmetric_grad result must be symmetric"
+    ds = nan_filled((b, c, c), dtype)
+    call(emu, "sqrtm_backward", dtype, g, s, saved, ds, b, c, iters, 1)
+    close(ds, torch.ops.mpncov.sqrtm_backward(g, s, ref_saved, iters), dtype)
+    assert torch.equal(ds[1], torch.zeros_like(ds[1])), "zero trace must give zero grad"
+    assert torch.equal(ds, ds.transpose(1, 2)), "the gradient must be symmetric"
 
 
 @pytest.mark.parametrize("c", [1, 5, 70])

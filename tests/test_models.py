@@ -165,7 +165,10 @@ def test_gap_head_equals_fixed_avgpool_at_224_map():
 
 def test_gsop_net2_column_order_checkpoint():
     torch.manual_seed(0)
-    published = create_model("gsop2_resnet_tiny", num_classes=6, triu_order="col").eval()
+    # The published constructors default to GSoP-Net's column-major triangle.
+    assert create_model("gsop2_resnet_tiny").triu_order == "col"
+    assert create_model("gsop_resnet50", mode=2, num_classes=3).triu_order == "col"
+    published = create_model("gsop2_resnet_tiny", num_classes=6).eval()
     with torch.no_grad():
         for m in published.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -181,13 +184,17 @@ def test_gsop_net2_column_order_checkpoint():
         v_row = mpncov.isqrt_cov(f, published.head_iters)
         torch.testing.assert_close(published.forward_head(published.forward_features(x), pre_logits=True),
                                    triu_row_to_col(v_row, published.head_dim))
-    row = create_model("gsop2_resnet_tiny", num_classes=6).eval()
+    row = create_model("gsop2_resnet_tiny", num_classes=6, triu_order="row").eval()
     load_published_gsop_net2(row, sd)
-    col = create_model("gsop2_resnet_tiny", num_classes=6, triu_order="col").eval()
+    col = create_model("gsop2_resnet_tiny", num_classes=6).eval()
     load_published_gsop_net2(col, sd)
+    # a plain strict load into the default model, as a user would do it
+    plain = create_model("gsop2_resnet_tiny", num_classes=6).eval()
+    plain.load_state_dict({k[len("module."):]: v for k, v in sd.items()}, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(row(x), y_pub, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(col(x), y_pub, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain(x), y_pub, rtol=1e-5, atol=1e-5)
     # and the permutation is not the identity
     conv = convert_gsop_net2_fc(sd, published.head_dim)
     assert not torch.equal(conv["fc.weight"], published.fc.weight)

@@ -39,6 +39,33 @@ def test_modules_match_ops():
         Sqrtm(0)
 
 
+@pytest.mark.parametrize("make, words", [
+    (lambda: Sqrtm(2.7), "iters must be an integer, got 2.7"),
+    (lambda: Sqrtm(True), "iters must be an integer"),
+    (lambda: Sqrtm(0), "iters must be between 1 and 100, got 0"),
+    (lambda: Sqrtm(10 ** 19), "iters must be between 1 and 100"),
+    (lambda: MPNCOV(iterNum=2.5), "iterNum must be an integer, got 2.5"),
+    (lambda: MPNCOV(iterNum=101), "iterNum must be between 1 and 100, got 101"),
+    (lambda: MPNCOV(input_dim=0), "input_dim must be >= 1, got 0"),
+    (lambda: MPNCOV(input_dim=16.0), "input_dim must be an integer"),
+    (lambda: MPNCOV(input_dim=16, dimension_reduction=0), "dimension_reduction must be >= 1, got 0"),
+    (lambda: MPNCOV(input_dim=16, dimension_reduction=-4), "dimension_reduction must be >= 1"),
+])
+def test_pooling_settings_are_validated(make, words):
+    # Never silently truncated (2.5 -> 2) or turned into an unreadable conv error.
+    with pytest.raises(ValueError, match="^(Sqrtm|MPNCOV): ") as info:
+        make()
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("dr", [None, 4])
+def test_mpncov_head_rejects_features_with_another_channel_count(dr):
+    head = MPNCOV(iterNum=3, input_dim=8, dimension_reduction=dr)
+    assert head(torch.randn(2, 8, 3, 3)).shape == (2, head.output_dim)
+    with pytest.raises(ValueError, match=r"input_dim=8.*\(2, 6, 3, 3\)"):
+        head(torch.randn(2, 6, 3, 3))
+
+
 @pytest.mark.parametrize("is_sqrt,is_vec,dr", [(True, True, None), (True, True, 8), (True, False, 8),
                                                (False, True, None), (False, False, None)])
 def test_mpncov_head(is_sqrt, is_vec, dr):

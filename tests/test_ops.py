@@ -150,8 +150,7 @@ def _opcheck_cases(device):
         (torch.ops.mpncov.covpool.default, (x,)),
         (torch.ops.mpncov.covpool_backward.default, (g_cc, x.detach())),
         (torch.ops.mpncov.sqrtm.default, (s, 3)),
-        (torch.ops.mpncov.sqrtm_backward.default, (g_cc, s.detach(), saved, 3, False)),
-        (torch.ops.mpncov.sqrtm_backward.default, (g_cc, s.detach(), saved, 3, True)),
+        (torch.ops.mpncov.sqrtm_backward.default, (g_cc, s.detach(), saved, 3)),
         (torch.ops.mpncov.triuvec.default, (s,)),
         (torch.ops.mpncov.triuvec_backward.default, (g_k, 5)),
         (torch.ops.mpncov.isqrt_cov.default, (x, 3)),
@@ -351,7 +350,7 @@ def test_bad_input_raises_with_a_clear_message(call, exc, words):
     (lambda: torch.ops.mpncov.triuvec_backward(torch.zeros(2, 5), 3), "[2, 5]"),
     (lambda: torch.ops.mpncov.covpool_backward(torch.zeros(2, 3, 3), torch.zeros(2, 4, 5)), "[2, 4, 5]"),
     (lambda: torch.ops.mpncov.sqrtm_backward(torch.zeros(1, 3, 3), torch.eye(3)[None],
-                                             torch.zeros(1, 2, 3, 3), 3, False), "[1, 2, 3, 3]"),
+                                             torch.zeros(1, 2, 3, 3), 3), "[1, 2, 3, 3]"),
 ])
 def test_raw_ops_reject_bad_input(call, words):
     # The C++ kernels check too: a direct torch.ops call never crashes or answers wrongly.
@@ -528,3 +527,68 @@ def test_saved_buffer_reuse_release_and_opt_out():
     env = {k: v for k, v in os.environ.items() if k != "MPNCOV_CPU_BUFFER_CACHE"}
     r = _fresh_python(_BUFFER_SCRIPT, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+# A data loader forks while another thread may be inside an mpncov call that holds the
+# buffer cache's lock. The test hook holds that lock for a second in a thread; the fork
+# lands inside that second. A child that inherited the lock held would block forever on
+# its first mpncov call.
+_FORK_SCRIPT = r"""
+import os, threading, time, torch
+import mpncov
+holder = threading.Thread(target=torch.ops.mpncov._cpu_hold_buffer_cache_lock, args=(1000,))
+holder.start()
+time.sleep(0.2)
+pid = os.fork()
+if pid == 0:
+    s = torch.eye(3)[None].requires_grad_()
+    out = mpncov.sqrtm(s, 3)
+    out.sum().backward()
+    os._exit(0 if torch.isfinite(s.grad).all() else 3)
+holder.join()
+deadline = time.time() + 60
+while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child exit", os.waitstatus_to_exitcode(status))
+        break
+    if time.time() > deadline:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        print("child hung")
+        break
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_while_another_thread_holds_the_buffer_cache():
+    r = _fresh_python(_FORK_SCRIPT, env=dict(os.environ), timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "child exit 0", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("call", [
+    lambda it: mpncov.sqrtm(torch.eye(3).expand(2, 3, 3), it),
+    lambda it: mpncov.isqrt_cov(torch.randn(2, 3, 4), it),
+    lambda it: mpncov.nn.Sqrtm(it),
+])
+@pytest.mark.parametrize("iters", [101, 2 ** 62, 6148914691236517207])
+def test_huge_iters_is_refused_clearly(call, iters):
+    # 3 (iters - 1) + 1 saved matrices would overflow int64 at 6148914691236517207.
+    with pytest.raises(ValueError, match=f"between 1 and 100, got {iters}"):
+        call(iters)
+
+
+@pytest.mark.parametrize("call", [
+    lambda it: torch.ops.mpncov.sqrtm(torch.eye(3)[None], it),
+    lambda it: torch.ops.mpncov.isqrt_cov(torch.randn(2, 3, 4), it),
+    lambda it: torch.ops.mpncov.sqrtm_backward(torch.eye(3)[None], torch.eye(3)[None],
+                                               torch.zeros(1, 1, 3, 3), it),
+    lambda it: torch.ops.mpncov.isqrt_cov_backward(torch.zeros(2, 6), torch.randn(2, 3, 4),
+                                                   torch.eye(3).expand(2, 3, 3),
+                                                   torch.zeros(2, 1, 3, 3), it),
+])
+@pytest.mark.parametrize("iters", [0, 101, 2 ** 62, 6148914691236517207])
+def test_raw_ops_refuse_iters_out_of_range(call, iters):
+    with pytest.raises(ValueError, match=f"between 1 and 100, got {iters}"):
+        call(iters)

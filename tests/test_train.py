@@ -1,4 +1,5 @@
 """Tests of the training example: synthetic data, training runs, checkpoints, DDP."""
+import io
 import json
 import os
 import socket
@@ -12,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from mpncov import _progress
 from mpncov.models import create_model
-from mpncov.train import ProgressBar, load_folder, main, make_synthetic
+from mpncov.train import load_folder, main, make_synthetic
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,14 +82,30 @@ def test_amp_channels_last_and_folder_data(tmp_path):
     assert res["epoch"] == 1 and res["train_loss"] == res["train_loss"]  # finite, not NaN
 
 
-def test_progress_bar():
-    import io
-    s = io.StringIO()
-    bar = ProgressBar(4, "ep", stream=s)
-    for _ in range(4):
-        bar.update(loss=0.5)
-    bar.close()
-    assert "4/4" in s.getvalue() and "loss=0.5" in s.getvalue()
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream", ["terminal", "terminal without tqdm", "log file"])
+def test_progress_bar_only_on_a_terminal(stream, monkeypatch):
+    out = io.StringIO() if stream == "log file" else _Terminal()
+    if stream == "terminal without tqdm":
+        monkeypatch.setitem(sys.modules, "tqdm", None)   # importing tqdm fails
+        monkeypatch.setattr(_progress, "_NOTED_MISSING", False)
+    elif stream == "terminal":
+        pytest.importorskip("tqdm")
+    monkeypatch.setattr(sys, "stderr", out)
+    res = main(["--model", "resnet_tiny", "--epochs", "1", "--train-size", "64", "--val-size",
+                "32", "--batch-size", "32", "--threads", "2"])
+    assert res["epoch"] == 1
+    text = out.getvalue()
+    assert "epoch 1: train loss" in text                      # the epoch summary, always
+    if stream == "terminal":
+        assert "\r" in text and "epoch 1/1" in text and "2/2" in text and "loss=" in text
+    else:
+        assert "\r" not in text and "loss=" not in text
+        assert ("tqdm is not installed" in text) == (stream == "terminal without tqdm")
 
 
 def test_example_script_help():

@@ -4,14 +4,19 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
 #endif
 
 namespace mpncov {
@@ -48,6 +53,18 @@ namespace {
 std::mutex cache_mutex;
 std::vector<at::Tensor> cache;  // flat buffers; each is free when only the cache holds it
 constexpr size_t kCacheSlots = 2;
+
+// Fork safety: a data loader forks while other threads may be inside cached_buffer. The
+// child inherits the mutex locked by a thread that does not exist there and would block
+// forever on its first mpncov call. The prepare handler takes the lock, so no other thread
+// holds it across fork(); parent and child release it afterwards.
+#if defined(__unix__) || defined(__APPLE__)
+[[maybe_unused]] const bool fork_handlers_registered = [] {
+  pthread_atfork([] { cache_mutex.lock(); }, [] { cache_mutex.unlock(); },
+                 [] { cache_mutex.unlock(); });
+  return true;
+}();
+#endif
 
 bool cache_enabled() {
   const char* v = std::getenv("MPNCOV_CPU_BUFFER_CACHE");
@@ -94,9 +111,17 @@ int64_t cached_buffer_bytes() {
   return total;
 }
 
+// Test hook: holds the cache's lock for `ms` milliseconds (as a call in another thread does
+// for a moment), so a test can fork at exactly that time.
+void hold_cache_lock(int64_t ms) {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+}
+
 TORCH_LIBRARY_FRAGMENT(mpncov, m) {
   m.def("_cpu_release_buffers() -> ()", &release_cached_buffers);
   m.def("_cpu_buffer_bytes() -> int", &cached_buffer_bytes);
+  m.def("_cpu_hold_buffer_cache_lock(int ms) -> ()", &hold_cache_lock);
 }
 
 }  // namespace mpncov

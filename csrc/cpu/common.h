@@ -9,12 +9,21 @@
 #include <atomic>
 #include <memory>
 
+#include "../limits.h"
+
 namespace mpncov {
 
 // fp16/bf16 inputs are computed in fp32 and returned in their own dtype (the autocast
 // policy of every mpncov op); float32 and float64 are computed natively.
 inline at::ScalarType compute_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+// sqrtm's compute dtype: as above, and float32 in float64 beyond kMaxMirroredIters
+// iterations (see limits.h). Its saved iterates have this dtype.
+inline at::ScalarType sqrtm_compute_dtype(at::ScalarType t, int64_t iters) {
+  const at::ScalarType ct = compute_dtype(t);
+  return (ct == at::kFloat && !mirrors_all_products(iters)) ? at::kDouble : ct;
 }
 
 // at::empty for large work buffers: asks the kernel for transparent huge pages where it

@@ -47,6 +47,14 @@ void scale_into(T* out, const T* x, T alpha, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = alpha * x[i];
 }
 
+// out = x / d, the division in double: d may be a tiny trace whose reciprocal overflows
+// (a float32 trace below 3e-39, a float64 denormal), and x / d stays finite where x <= d.
+template <typename T>
+void divide_into(T* out, const T* x, double d, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<double>(x[i]) / d);
+}
+
 // out = alpha * (g + g^T) for a dense C x C matrix (out must not alias g), in square
 // tiles: each tile of out first receives the transposed tile of g, then adds its own.
 template <typename T>

@@ -157,7 +157,7 @@ std::tuple<Tensor, Tensor> sqrtm_cuda(const Tensor& s, int64_t iters) {
 
 // dS in s's dtype.
 Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& saved,
-                           int64_t iters, bool symmetric_grad) {
+                           int64_t iters) {
   check_tensor(grad, "sqrtm_backward", "grad");
   check_tensor(s, "sqrtm_backward", "s");
   check_tensor(saved, "sqrtm_backward", "saved");
@@ -187,7 +187,8 @@ Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& sa
     check_launch(mpncov::cuda::sqrtm_backward<scalar_t>(
                      gc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                      savedc.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(),
-                     work.data_ptr<scalar_t>(), b, n, iters, symmetric_grad, current_stream()),
+                     work.data_ptr<scalar_t>(), b, n, iters, /*symmetric_grad=*/true,
+                     current_stream()),
                  "sqrtm_backward");
   });
   return ds.to(s.scalar_type());

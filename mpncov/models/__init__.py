@@ -87,7 +87,10 @@ def _gsop_cfg(mode, gsop_mode, att_dim, kw):
     if mode == 1:
         cfg.update(attn_stages=(1, 2, 3, 4), head="gap")
     else:
-        cfg.update(attn_stages=(1, 2, 3), head="isqrt", head_dim=256, head_iters=3)
+        # GSoP-Net's triuvec emits the column-major triangle and a published GSoP-Net2
+        # classifier expects it: the default computes what a loaded checkpoint computes.
+        cfg.update(attn_stages=(1, 2, 3), head="isqrt", head_dim=256, head_iters=3,
+                   triu_order="col")
     return _with(cfg, kw)
 
 
@@ -99,8 +102,11 @@ def gsop_resnet50(mode: int = 1, gsop_mode: str = "1", att_dim: int = 128, **kw)
     of the 4 stages, global average pool -> fc(2048) (28,285,224 parameters).
     mode=2 (GSoP-Net2): no stage-4 block, iSQRT-COV head d=256, N=3 -> fc(32896)
     (58,278,568 parameters). ``gsop_mode`` is the block mode ('1' channel, '2'
-    position, '+', 'M', '&'). For a published GSoP-Net2 checkpoint pass
-    ``triu_order='col'`` or use :func:`load_published_gsop_net2`.
+    position, '+', 'M', '&'). GSoP-Net2 feeds the classifier GSoP-Net's column-major
+    triangle (``triu_order='col'``, the default for mode=2), so a published checkpoint
+    loads with ``load_state_dict(strict=True)`` and gives the published logits;
+    ``triu_order='row'`` (mpncov.triuvec's order) is available, with
+    :func:`load_published_gsop_net2` to load a published checkpoint into it.
     """
     return _resnet(50, **_gsop_cfg(mode, gsop_mode, att_dim, kw))
 

@@ -7,12 +7,30 @@ may import ``mpncov.nn`` at any point of its own initialisation).
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
 import mpncov as _ops  # attributes are read at call time only
 
 __all__ = ["CovPool", "Sqrtm", "Triuvec", "MPNCOV", "triu_col_order_index", "triu_row_to_col"]
+
+
+def _int_setting(value, owner: str, name: str, low: int = 1, high: int | None = None) -> int:
+    """``value`` as an int in [low, high], else a ValueError naming the setting (a float
+    such as 2.5 is refused, not truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{owner}: {name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ValueError(f"{owner}: {name} must be {bound}, got {value}")
+    return int(value)
+
+
+def _iters_setting(value, owner: str, name: str) -> int:
+    from ..ops import MAX_ITERS
+    return _int_setting(value, owner, name, 1, MAX_ITERS)
 
 
 class CovPool(nn.Module):
@@ -27,9 +45,7 @@ class Sqrtm(nn.Module):
 
     def __init__(self, iters: int = 5):
         super().__init__()
-        if int(iters) < 1:
-            raise ValueError(f"iters must be >= 1, got {iters}")
-        self.iters = int(iters)
+        self.iters = _iters_setting(iters, "Sqrtm", "iters")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ops.sqrtm(x, self.iters)
@@ -79,10 +95,12 @@ class MPNCOV(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.iterNum = int(iterNum)
+        self.iterNum = _iters_setting(iterNum, "MPNCOV", "iterNum")
         self.is_sqrt = bool(is_sqrt)
         self.is_vec = bool(is_vec)
-        self.dr = dimension_reduction
+        self.input_dim = _int_setting(input_dim, "MPNCOV", "input_dim")
+        self.dr = (None if dimension_reduction is None else
+                   _int_setting(dimension_reduction, "MPNCOV", "dimension_reduction"))
         if self.dr is not None:
             self.conv_dr_block = nn.Sequential(
                 nn.Conv2d(input_dim, self.dr, kernel_size=1, stride=1, bias=False, **dd),
@@ -103,6 +121,9 @@ class MPNCOV(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3 or x.shape[1] != self.input_dim:
+            raise ValueError(f"MPNCOV: expected (B, input_dim={self.input_dim}, H, W) features, "
+                             f"got shape {tuple(x.shape)}")
         if self.dr is not None:
             x = self.conv_dr_block(x)
         if self.is_sqrt and self.is_vec:

@@ -1,4 +1,5 @@
-"""What machine and build a benchmark ran on (the "env" block of results.json)."""
+"""What machine and build a benchmark ran on (the "env" block of results.json), and the
+output folder name derived from them."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -23,51 +24,17 @@ def cpu_model() -> str:
 
 
 def _mpncov_info() -> dict:
-    """mpncov version / build flags, via mpncov.info if it offers a function for it."""
-    out: dict = {}
-    try:
-        import mpncov
-    except Exception as e:  # extension not built
-        return {"importable": False, "error": f"{type(e).__name__}: {e}"}
-    out["importable"] = True
-    out["version"] = getattr(mpncov, "__version__", None)
-    out["path"] = os.path.dirname(getattr(mpncov, "__file__", "") or "")
-    try:
-        import mpncov.info as info_mod
-        for fname in ("info", "get_info", "build_info", "collect", "collect_info", "as_dict"):
-            fn = getattr(info_mod, fname, None)
-            if callable(fn):
-                try:
-                    res = fn()
-                except TypeError:
-                    continue
-                if isinstance(res, dict):
-                    out["info"] = _jsonable(res)
-                    break
-                if isinstance(res, str):
-                    out["info"] = res
-                    break
-    except Exception as e:
-        out["info_error"] = f"{type(e).__name__}: {e}"
-    try:
-        import mpncov._build_config as bc
-        out["build_config"] = {k: _jsonable(getattr(bc, k)) for k in dir(bc) if k.isupper()}
-    except Exception:
-        pass
-    try:
-        ns = torch.ops.mpncov
-        names = []
-        for op in ("covpool", "covpool_backward", "sqrtm", "sqrtm_backward", "triuvec",
-                   "triuvec_backward", "isqrt_cov", "isqrt_cov_backward"):
-            try:
-                getattr(ns, op)
-                names.append(op)
-            except (AttributeError, RuntimeError):
-                pass
-        out["torch_ops"] = names
-    except Exception:
-        pass
-    return out
+    """mpncov's version, location, build record and registered operators."""
+    import mpncov
+    from mpncov import info, ops
+
+    return {
+        "importable": True,
+        "version": mpncov.__version__,
+        "path": os.path.dirname(mpncov.__file__),
+        "build_config": _jsonable(info.build_config()),
+        "torch_ops": [op for op in ops.OPS if hasattr(torch.ops.mpncov, op)],
+    }
 
 
 def _jsonable(v):
@@ -80,12 +47,17 @@ def _jsonable(v):
     return str(v)
 
 
-def collect(device: torch.device, threads: int, argv=None) -> dict:
-    argv = sys.argv if argv is None else argv
+def command_line(prog: str, argv) -> str:
+    """The command as it could be typed again: `prog` (e.g. "python -m mpncov.benchmarks")
+    and the arguments, shell-quoted."""
+    return " ".join([prog, *(shlex.quote(a) for a in argv)])
+
+
+def collect(device: torch.device, threads: int, command: str, argv) -> dict:
+    """The env block: the command and its arguments, date, versions, machine, build."""
     env = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m",
-                                                      "benchmarks.run", *argv[1:]]),
+        "command": command,
         "argv": list(argv),
         "python": sys.version.split()[0],
         "platform": platform.platform(),

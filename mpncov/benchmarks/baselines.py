@@ -21,7 +21,7 @@ Implementations (get them with `get_impl(name)`):
 * "eigh": the exact square root by eigendecomposition (MPN-COV style), autograd through
   torch.linalg.eigh. `iters` is ignored. Gradients are NaN/inf-prone when eigenvalues
   repeat (rank-deficient covariance, e.g. M < C): benchmark it on full-rank inputs.
-* "mpncov": the package itself (imported lazily).
+* "mpncov": the package itself.
 """
 from __future__ import annotations
 
@@ -29,7 +29,11 @@ import types
 
 import torch
 
-__all__ = ["IMPLS", "BASELINES", "get_impl", "available_impls"]
+import mpncov
+
+from .config import OPS
+
+__all__ = ["IMPLS", "BASELINES", "MPNCOV", "get_impl"]
 
 
 def _as_bcm(x: torch.Tensor) -> torch.Tensor:
@@ -242,53 +246,39 @@ def _eigh_pipeline(x, iters=None):
 
 
 # ----------------------------------------------------------------------------------------
-# "mpncov": the package
+# the implementations
 # ----------------------------------------------------------------------------------------
-def _mpncov_impl():
-    import mpncov  # noqa: WPS433  (lazy: benchmarks must import without the extension)
+MPNCOV = types.SimpleNamespace(
+    name="mpncov",
+    covpool=mpncov.covpool,
+    sqrtm=lambda s, iters=5: mpncov.sqrtm(s, iters=int(iters)),
+    triuvec=mpncov.triuvec,
+    pipeline=lambda x, iters=5: mpncov.isqrt_cov(x, iters=int(iters)),
+    ops=OPS,
+)
 
-    return types.SimpleNamespace(
-        name="mpncov",
-        covpool=mpncov.covpool,
-        sqrtm=lambda s, iters=5: mpncov.sqrtm(s, iters=int(iters)),
-        triuvec=mpncov.triuvec,
-        pipeline=lambda x, iters=5: mpncov.isqrt_cov(x, iters=int(iters)),
-        ops=("covpool", "sqrtm", "triuvec", "pipeline"),
-    )
-
-
+# The baselines, in the order of the speed-up columns ("x vs published", ...).
 BASELINES = {
     "published": types.SimpleNamespace(
         name="published", covpool=_pub_covpool, sqrtm=_pub_sqrtm, triuvec=_pub_triuvec,
-        pipeline=_pub_pipeline, ops=("covpool", "sqrtm", "triuvec", "pipeline")),
+        pipeline=_pub_pipeline, ops=OPS),
     "autograd": types.SimpleNamespace(
         name="autograd", covpool=_ag_covpool, sqrtm=_ag_sqrtm, triuvec=_ag_triuvec,
-        pipeline=_ag_pipeline, ops=("covpool", "sqrtm", "triuvec", "pipeline")),
+        pipeline=_ag_pipeline, ops=OPS),
     # eigh only differs from "autograd" in sqrtm, so it is benchmarked for sqrtm/pipeline.
     "eigh": types.SimpleNamespace(
         name="eigh", covpool=_ag_covpool, sqrtm=_eigh_sqrtm, triuvec=_ag_triuvec,
         pipeline=_eigh_pipeline, ops=("sqrtm", "pipeline")),
 }
 
-IMPLS = ("mpncov", "published", "autograd", "eigh")
+IMPLS = ("mpncov", *BASELINES)
 
 
 def get_impl(name: str):
+    """The implementation called `name` (one of IMPLS)."""
     if name == "mpncov":
-        return _mpncov_impl()
+        return MPNCOV
     try:
         return BASELINES[name]
     except KeyError:
         raise ValueError(f"unknown implementation {name!r}; choose from {IMPLS}") from None
-
-
-def available_impls():
-    """(names that import, {name: reason} for those that do not)."""
-    ok, missing = [], {}
-    for name in IMPLS:
-        try:
-            get_impl(name)
-            ok.append(name)
-        except Exception as e:  # ImportError, missing extension, ...
-            missing[name] = f"{type(e).__name__}: {e}"
-    return ok, missing

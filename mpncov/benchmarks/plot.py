@@ -1,6 +1,6 @@
 """PNG plots of benchmark results (matplotlib, if installed; nothing is installed for you).
 
-    python -m benchmarks.plot benchmarks/results/<tag>/results.json   # re-plot a run
+    python -m mpncov.benchmarks.plot benchmarks/results/<tag>/results.json   # re-plot a run
 
 speedup_vs_C.png   one panel per op: mpncov's fwd+bwd speed-up over each baseline against
                    C (one line per baseline and per setting of the other shape parameters
@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-OPS = ("covpool", "sqrtm", "triuvec", "pipeline")
+from .config import OPS
+
 COLORS = {"published": "tab:red", "autograd": "tab:blue", "eigh": "tab:green", "mpncov": "tab:purple"}
 
 

@@ -1,0 +1,281 @@
+"""Autograd of the mpncov operators.
+
+Every forward op has its backward as an op of its own (``*_backward``, analytic C++/CUDA
+kernels), and every backward op is differentiable again, so derivatives of any order are
+exact and never silently zero:
+
+* ``covpool_backward`` and ``triuvec_backward`` have closed-form derivatives (below);
+* ``sqrtm_backward`` and ``isqrt_cov_backward`` are differentiated through the plain-torch
+  forms of ``mpncov._differentiable`` (only run when a second derivative is asked for).
+
+The public functions (``mpncov.ops``) go through the ``torch.autograd.Function`` classes
+here, which define ``setup_context`` and ``generate_vmap_rule`` so that ``torch.func``
+(``grad``, ``vjp``, ``jacrev``, ``vmap``) works; the vmap rules of the ops themselves are in
+``mpncov._vmap``. The raw ops ``torch.ops.mpncov.*`` get the same backward formulas through
+``torch.library.register_autograd``. Forward-mode AD (``torch.func.jvp``, ``jacfwd``,
+``hessian``, ``torch.autograd.forward_ad``) is not supported: ``mpncov.ops`` turns torch's
+error into one that says so.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd import Function
+
+from . import _C  # noqa: F401  (registers the ops)
+from . import _differentiable as D
+from ._meta import sqrtm_compute_dtype
+
+OPS = torch.ops.mpncov
+
+
+# ------------------------------------------------ derivatives of the backward ops
+
+def covpool_backward_backward(grad, x, grad_dx):
+    """Derivatives of ``dX = (1/M) (G + G^T) Xc`` given ``U = dL/d(dX)``:
+
+        d/dG = (1/M) (Uc Xc^T + Xc Uc^T),    d/dX = (1/M) (G + G^T) Uc = covpool_backward(G, U)
+
+    with Uc, Xc centred over the M positions (centring X is linear, so its derivative
+    centres U)."""
+    ct = D.compute_dtype(x.dtype)
+    u, xx = grad_dx.to(ct), x.to(ct)
+    uc = u - u.mean(dim=-1, keepdim=True)
+    xc = xx - xx.mean(dim=-1, keepdim=True)
+    cross = uc @ xc.mT / x.shape[-1]
+    return (cross + cross.mT).to(grad.dtype), CovpoolBackward.apply(grad, grad_dx)
+
+
+def triuvec_backward_backward(grad_s):
+    """triuvec_backward is linear (a scatter): its derivative is the gather triuvec."""
+    return Triuvec.apply(grad_s)
+
+
+def sqrtm_backward_backward(grad, s, iters, grad_ds):
+    """Returns (d grad, d s) of ``<grad_ds, sqrtm_backward(grad, s)>``."""
+    ds, dgrad = D.vjp_of_vjp(lambda z: D.sqrtm(z, iters), s, grad, grad_ds,
+                             dtype=sqrtm_compute_dtype(s.dtype, iters))
+    return dgrad, ds
+
+
+def isqrt_cov_backward_backward(grad, x, iters, grad_dx):
+    """Returns (d grad, d x) of ``<grad_dx, isqrt_cov_backward(grad, x)>``."""
+    dx, dgrad = D.vjp_of_vjp(lambda z: D.isqrt_cov(z, iters), x, grad, grad_dx,
+                             dtype=sqrtm_compute_dtype(x.dtype, iters))
+    return dgrad, dx
+
+
+# ------------------------------------------------------------ autograd.Function
+
+class Covpool(Function):
+    """covpool(x), x: (B, C, M)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return OPS.covpool(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return CovpoolBackward.apply(grad, x)
+
+
+class CovpoolBackward(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, x):
+        return OPS.covpool_backward(grad, x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_dx):
+        grad, x = ctx.saved_tensors
+        return covpool_backward_backward(grad, x, grad_dx)
+
+
+class Sqrtm(Function):
+    """sqrtm(s, iters) -> (out, saved); saved (the iterates) is not differentiable."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(s, iters):
+        return OPS.sqrtm(s, iters)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.iters = inputs[1]
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(inputs[0], output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _grad_saved):
+        if grad is None:
+            return None, None
+        s, saved = ctx.saved_tensors
+        return SqrtmBackward.apply(grad, s, saved, ctx.iters), None
+
+
+class SqrtmBackward(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, s, saved, iters):
+        return OPS.sqrtm_backward(grad, s, saved, iters)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.iters = inputs[3]
+        ctx.save_for_backward(inputs[0], inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_ds):
+        grad, s = ctx.saved_tensors
+        return (*sqrtm_backward_backward(grad, s, ctx.iters, grad_ds), None, None)
+
+
+class Triuvec(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(s):
+        return OPS.triuvec(s)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.n = inputs[0].shape[-1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return TriuvecBackward.apply(grad, ctx.n)
+
+
+class TriuvecBackward(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, n):
+        return OPS.triuvec_backward(grad, n)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        return triuvec_backward_backward(grad_s), None
+
+
+class IsqrtCov(Function):
+    """isqrt_cov(x, iters) -> (vec, cov, saved); only vec is differentiable."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, iters):
+        return OPS.isqrt_cov(x, iters)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.iters = inputs[1]
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(inputs[0], output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, grad, _grad_cov, _grad_saved):
+        if grad is None:
+            return None, None
+        x, cov, saved = ctx.saved_tensors
+        return IsqrtCovBackward.apply(grad, x, cov, saved, ctx.iters), None
+
+
+class IsqrtCovBackward(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, x, cov, saved, iters):
+        return OPS.isqrt_cov_backward(grad, x, cov, saved, iters)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.iters = inputs[4]
+        ctx.save_for_backward(inputs[0], inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_dx):
+        grad, x = ctx.saved_tensors
+        return (*isqrt_cov_backward_backward(grad, x, ctx.iters, grad_dx), None, None, None)
+
+
+# ------------------------------------------- the same formulas for the raw ops
+# (tensors through ctx.save_for_backward: a tensor output kept as a ctx attribute would
+# make a reference cycle and keep sqrtm's saved iterates alive until garbage collection)
+
+def _save(*positions, outputs=(), iters=None):
+    """setup_context saving inputs[i] for i in positions, then output[j] for j in outputs,
+    and inputs[iters] as ctx.iters; outputs listed are not differentiable."""
+    def setup_context(ctx, inputs, output):
+        outs = [output[j] for j in outputs]
+        if outs:
+            ctx.mark_non_differentiable(*outs)
+            ctx.set_materialize_grads(False)
+        if iters is not None:
+            ctx.iters = inputs[iters]
+        ctx.save_for_backward(*[inputs[i] for i in positions], *outs)
+    return setup_context
+
+
+def _sqrtm_bwd(ctx, grad, _grad_saved):
+    if grad is None:
+        return None, None
+    s, saved = ctx.saved_tensors
+    return SqrtmBackward.apply(grad, s, saved, ctx.iters), None
+
+
+def _isqrt_cov_bwd(ctx, grad, grad_cov, _grad_saved):
+    x, cov, saved = ctx.saved_tensors
+    dx = None
+    if grad is not None:
+        dx = IsqrtCovBackward.apply(grad, x, cov, saved, ctx.iters)
+    if grad_cov is not None:  # the raw op's covariance output (compute dtype) was used too
+        dc = CovpoolBackward.apply(grad_cov, x.to(cov.dtype)).to(x.dtype)
+        dx = dc if dx is None else dx + dc
+    return dx, None
+
+
+def _isqrt_cov_setup(ctx, inputs, output):
+    # cov (output 1) stays differentiable for raw-op users; saved (output 2) is not.
+    ctx.iters = inputs[1]
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(inputs[0], output[1], output[2])
+
+
+def _register(op, backward, setup_context):
+    torch.library.register_autograd("mpncov::" + op, backward, setup_context=setup_context)
+
+
+_register("covpool", lambda ctx, g: CovpoolBackward.apply(g, *ctx.saved_tensors), _save(0))
+_register("covpool_backward",
+          lambda ctx, u: covpool_backward_backward(*ctx.saved_tensors, u), _save(0, 1))
+_register("sqrtm", _sqrtm_bwd, _save(0, outputs=(1,), iters=1))
+_register("sqrtm_backward",
+          lambda ctx, u: (*sqrtm_backward_backward(*ctx.saved_tensors, ctx.iters, u), None, None),
+          _save(0, 1, iters=3))
+_register("triuvec", lambda ctx, g: TriuvecBackward.apply(g, ctx.n),
+          lambda ctx, inputs, output: setattr(ctx, "n", inputs[0].shape[-1]))
+_register("triuvec_backward", lambda ctx, u: (triuvec_backward_backward(u), None),
+          lambda ctx, inputs, output: None)
+_register("isqrt_cov", _isqrt_cov_bwd, _isqrt_cov_setup)
+_register("isqrt_cov_backward",
+          lambda ctx, u: (*isqrt_cov_backward_backward(*ctx.saved_tensors, ctx.iters, u),
+                          None, None, None),
+          _save(0, 1, iters=4))
