@@ -30,7 +30,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 extras="test,train"
 if [ "${MPNCOV_WITH_PLOTS:-1}" = "1" ]; then extras="$extras,bench"; fi
-$PY -c "import torch; print('[setup] torch', torch.__version__, 'CUDA', torch.version.cuda)"
+$PY -W ignore -c "import torch; print('[setup] torch', torch.__version__, 'CUDA', torch.version.cuda)"  # -W: no numpy yet
 echo "[setup] building mpncov[$extras] (MAX_JOBS=${MAX_JOBS:-auto}, FORCE_CUDA=${FORCE_CUDA:-0})"
 $PIP --no-build-isolation -e ".[$extras]"
 $PY -c "import mpncov; print('[setup] mpncov', mpncov.__version__, 'ready')"

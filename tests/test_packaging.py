@@ -354,15 +354,17 @@ def test_info_check_cuda_matches_the_build(tmp_path):
 @pytest.mark.skipif(os.environ.get("MPNCOV_TEST_PIP_INSTALL") != "1",
                     reason="compiles the extension (minutes): set MPNCOV_TEST_PIP_INSTALL=1 (.ci/run does)")
 def test_pip_install_dot_into_a_fresh_venv(tmp_path):
-    """Plain `pip install .` (build isolation on) into a fresh venv that has torch.
+    """Plain `pip install .[bench]` (build isolation on) into a fresh venv that has torch.
 
-    The venv sees this environment's packages (torch) through a .pth file, after its own
-    site-packages (its own old setuptools), so no torch is downloaded; pip's isolation hides
-    them from the build, which the backend must get around.
+    The venv sees this environment's packages (torch, matplotlib, tqdm) through a .pth file,
+    after its own site-packages (its own old setuptools), so no torch is downloaded; pip's
+    isolation hides them from the build, which the backend must get around. Then the
+    installed package and `mpncov-bench` run from another directory, and from the source
+    tree's root `import mpncov` explains itself while `python -m benchmarks.run` works.
     """
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])
-    python = str(venv / "bin" / "python")
+    python, bench = str(venv / "bin" / "python"), str(venv / "bin" / "mpncov-bench")
     venv_site = _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]).stdout.strip()
     with open(os.path.join(venv_site, "outer-env.pth"), "w") as f:
         f.write(sysconfig.get_path("purelib") + "\n")
@@ -371,14 +373,26 @@ def test_pip_install_dot_into_a_fresh_venv(tmp_path):
         ".git", "build", ".venv*", "__pycache__", "*.so", "*.egg-info", "_build_config.py", "results"))
     env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     # A compile takes 4-12 minutes on the shared 2-core machine.
-    done = _run([python, "-m", "pip", "install", "-v", "."], cwd=str(src), env=env, check=False,
-                timeout=2400)
+    done = _run([python, "-m", "pip", "install", "-v", ".[bench]"], cwd=str(src), env=env,
+                check=False, timeout=2400)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-8000:]
     assert "pip's build isolation hides torch" in log
     # torch>=2.11 is met by the torch already there: pip downloads none.
     assert "Requirement already satisfied: torch>=" in log
     assert "Collecting torch" not in log and "Downloading torch" not in log
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     check = "import mpncov, torch; print(mpncov.__file__, tuple(mpncov.covpool(torch.randn(2, 3, 5)).shape))"
-    out = _run([python, "-c", check], cwd=str(tmp_path)).stdout.split()
+    out = _run([python, "-c", check], cwd=str(elsewhere)).stdout.split()
     assert out[0].startswith(venv_site) and out[1:] == ["(2,", "3,", "3)"]
+    smoke = ["--smoke", "--device", "cpu", "--threads", "1", "--min-run-time", "0.002",
+             "--min-reps", "2", "--ops", "covpool", "--no-plots"]
+    _run([bench, *smoke, "--out", str(tmp_path / "bench")], cwd=str(elsewhere))
+    assert json.loads((tmp_path / "bench" / "results.json").read_text())["results"]
+
+    at_root = _run([python, "-c", "import mpncov"], cwd=str(src), check=False)
+    assert at_root.returncode == 1
+    assert f"shadows the installed mpncov in {os.path.join(venv_site, 'mpncov')}" in at_root.stderr
+    _run([python, "-m", "benchmarks.run", *smoke, "--dry-run"], cwd=str(src))
