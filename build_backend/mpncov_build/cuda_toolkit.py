@@ -72,3 +72,12 @@ def find(environ=os.environ, which=shutil.which, ask_nvcc=nvcc_reported_root):
         return found(DEFAULT_LOCATION, "the default location")
     tried.append(f"{DEFAULT_LOCATION} has no include/cuda_runtime.h")
     return None, "; ".join(tried)
+
+
+if __name__ == "__main__":  # print the toolkit's root (for scripts), or exit 1 saying what was tried
+    import sys
+
+    found, why = find()
+    if found is None:
+        sys.exit(f"no CUDA toolkit found: {why}")
+    print(found)
