@@ -302,6 +302,18 @@ def test_cuda_toolkit_follows_an_nvcc_symlink_and_falls_back(tmp_path, monkeypat
     assert root is None and "no nvcc on PATH" in why and "nowhere" in why
 
 
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU-only torch")
+def test_force_cuda_with_a_cpu_torch_is_a_clear_error(tmp_path):
+    shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path)
+    shutil.copytree(BACKEND_DIR, tmp_path / "build_backend",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    done = _run([sys.executable, "setup.py", "--version"], cwd=str(tmp_path), check=False,
+                env=dict(os.environ, FORCE_CUDA="1"))
+    assert done.returncode == 1
+    assert f"FORCE_CUDA=1, but torch {torch.__version__}" in done.stderr
+    assert "is a CPU-only build" in done.stderr and "Traceback" not in done.stderr
+
+
 # -------------------------------------------------------------- import error, CUDA check
 
 def _package_copy(dest):
