@@ -25,7 +25,8 @@ a float kernel spills, a float product kernel has fewer than 12 resident warps p
 a float product loop path has more than 300 staging instructions per slab, or the float
 on-chip kernels do not fit an sm_90 block at C = 128. Needs nvcc
 (NVCC, CUDA_HOME or PATH) and, for part 2, cuobjdump (PATH, CUDA_HOME/bin, or the one in
-triton's package); without cuobjdump part 2 is skipped with a note. Takes about a minute
+triton's package); without cuobjdump part 2 is skipped with a note (an error with
+--require-sass, as CI runs it). Takes about a minute
 on 2 cores.
 """
 from __future__ import annotations
@@ -326,6 +327,8 @@ def main() -> int:
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--require-sass", action="store_true",
+                    help="fail (exit 2) instead of skipping part 2 when cuobjdump is missing")
     args = ap.parse_args()
     archs = [int(a) for a in args.archs.split(",") if a]
     nvcc = find_tool("nvcc", "NVCC")
@@ -333,6 +336,10 @@ def main() -> int:
         print("cuda_static_report: nvcc not found (set NVCC or CUDA_HOME)", file=sys.stderr)
         return 2
     cuobjdump = find_tool("cuobjdump", "CUOBJDUMP")
+    if cuobjdump is None and args.require_sass:
+        print("cuda_static_report: cuobjdump not found (PATH, CUDA_HOME/bin, CUOBJDUMP or "
+              "triton's package) and --require-sass was given", file=sys.stderr)
+        return 2
     common, common_src = common_flags()
     flags = common + BUILD_FLAGS
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
