@@ -530,15 +530,18 @@ template <typename T>
 bool sqrtm_on_chip_fits(int64_t n, int64_t iters, bool backward) {
   if (n < 1 || n > kOnChipMaxN || iters < 1 || !mirrors_all_products(iters)) return false;
   int device = 0, optin = 0;
+  cudaFuncAttributes attr{};  // its static shared memory (the kernel's block_sum scratch)
+  const void* kernel = backward ? reinterpret_cast<const void*>(&on_chip_backward_kernel<T>)
+                                : reinterpret_cast<const void*>(&on_chip_forward_kernel<T>);
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-          cudaSuccess) {
+          cudaSuccess ||
+      cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     cudaGetLastError();  // clear the error: the caller takes the tiled path
     return false;
   }
-  // + the static scratch of the kernels (33 values).
-  const int64_t scratch = 33 * static_cast<int64_t>(sizeof(T));
-  return sqrtm_on_chip_smem_bytes(n, sizeof(T), backward) + scratch <=
+  return sqrtm_on_chip_smem_bytes(n, sizeof(T), backward) +
+             static_cast<int64_t>(attr.sharedSizeBytes) <=
          static_cast<int64_t>(optin);
 }
 

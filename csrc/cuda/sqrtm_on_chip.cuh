@@ -14,7 +14,7 @@
 // backward, two slabs of kOnChipSlab rows of p through which the saved iterates stream
 // from global memory (cp.async). float at n = 128: 192 KB forward, 208 KB backward, which
 // H100/H200 (227 KB per block) allow and A100 (163 KB) does not: there the on-chip
-// kernels serve n <= 104 (forward) and n <= 100 (backward). The launch checks the
+// kernels serve n <= 115 (forward) and n <= 112 (backward). The launch checks the
 // current device's opt-in limit (sqrtm_on_chip_fits); callers fall back to the tiled path.
 #pragma once
 
@@ -44,7 +44,8 @@ inline int64_t sqrtm_on_chip_smem_bytes(int64_t n, int64_t elem_size, bool backw
 }
 
 // Whether the on-chip kernel serves this call: short mode, 1 <= n <= kOnChipMaxN, and its
-// shared memory within the current device's per-block opt-in limit.
+// shared memory (dynamic + the kernel's static) within the current device's per-block
+// opt-in limit.
 template <typename T>
 bool sqrtm_on_chip_fits(int64_t n, int64_t iters, bool backward);
 

@@ -49,6 +49,10 @@ enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidC
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+// The emulated kernels' __shared__ variables are static objects, not counted: 0 bytes.
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;
+};
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 
 namespace emu {
@@ -169,6 +173,11 @@ inline cudaError_t cudaGetDevice(int* device) {
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin || device != 0) return cudaErrorInvalidValue;
   *value = ::emu::shared_optin;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) {
+  attr->sharedSizeBytes = 0;
   return cudaSuccess;
 }
 
