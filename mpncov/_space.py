@@ -6,10 +6,11 @@ G = Xc^T Xc / (M t) (M positions) and be mapped back with two products. Which is
 depends on C, M and the number of iterations N, not on M < C alone: the Gram space pays
 about 4 C M^2 multiply-adds more to map back and forth, and saves 9 (N-1) (C^3 - M^3) / 2
 in the recurrence, so with N = 1 (no recurrence products in the Gram space, but also only
-three in the covariance space) it wins only below M = 0.6 C, with N = 5 up to M = 0.93 C.
+three in the covariance space) it wins only below about M = 0.6 C, with N = 5 up to about
+M = 0.85 C.
 
-The cost model counts the multiply-adds of forward + backward per sample, as the CPU
-kernels do them (csrc/cpu/sqrtm_cpu.cpp, covpool_cpu.cpp, isqrt_cov_gram_cpu.cpp):
+The cost model counts what the CPU kernels do in forward + backward per sample
+(csrc/cpu/sqrtm_cpu.cpp, covpool_cpu.cpp, isqrt_cov_gram_cpu.cpp), in multiply-adds:
 
 * covariance space: covariance C^2 M (half: symmetric result); 3N-3 products of C x C in
   the recurrence (N = 1: one) and 6N-6 in its derivative (N = 1: two), all half;
@@ -19,7 +20,18 @@ kernels do them (csrc/cpu/sqrtm_cpu.cpp, covpool_cpu.cpp, isqrt_cov_gram_cpu.cpp
   (half), dX = E W R + W D 2 C M^2.
 
 "Half" is the fraction of an n x n product that a symmetric result multiplies out (its
-block upper triangle in row blocks of 32, from n = 48; below that the whole product).
+block upper triangle in row blocks of 32, from n = 48; below that the whole product, in
+one call). To the multiply-adds it adds, in the same unit, BLAS_CALL per BLAS call (a
+half product of n >= 48 is ceil(n / 32) calls per term) and PASS per matrix element of
+the elementwise passes (about (3 + 3N) n^2 over the iterates' matrices, 2 C^2 for the
+Gram space's result and incoming gradient). Both constants were fitted to the measured
+fwd+bwd CPU time of both spaces at 117 shapes (C 64 to 384, M 0.25 C to 1.25 C, N 1 to 5;
+float32, B = 8, one thread, AMD EPYC Zen 4 with MKL, torch 2.13.0; ``python -m
+mpncov.benchmarks.spaces --fit`` repeats the measurement and the fit): with them the
+predicted ratio of the two times is off by 13 % (rms of the log ratio) instead of 30 %
+for the multiply-adds alone, and where the model picks the slower space (10 of the 117,
+all within 18 % of the break-even point) the loss is at most 1.18x; far from it (the
+ResNet-50 head: C = 256, M = 196, N = 5, 1.7x; ViT tokens) the choice is clear.
 """
 from __future__ import annotations
 
@@ -39,22 +51,43 @@ def symmetric_fraction(n: int) -> float:
     return done / (n * n)
 
 
-def cost(space: str, C: int, M: int, N: int) -> float:
-    """Multiply-adds of one sample's forward + backward in `space` ("cov" or "gram")."""
+#: Fitted fixed cost of one BLAS call, and of one matrix element of an elementwise pass,
+#: in multiply-adds (see the module docstring).
+BLAS_CALL = 80000
+PASS = 40
+
+
+def _calls(n: int) -> int:
+    """BLAS calls of one term of a product with a symmetric n x n result."""
+    return 1 if n < 48 else -(-n // 32)
+
+
+def cost(space: str, C: int, M: int, N: int, blas_call: float = BLAS_CALL,
+         elementwise: float = PASS) -> float:
+    """Modelled cost of one sample's forward + backward in `space` ("cov" or "gram"), in
+    multiply-adds (see the module docstring; blas_call = elementwise = 0 gives the plain
+    multiply-add count)."""
+    h_c, h_m = symmetric_fraction(C), symmetric_fraction(M)
     if space == "cov":
         products = 3 if N == 1 else 9 * (N - 1)
-        return C * C * M * (1 + symmetric_fraction(C)) + products * C ** 3 * symmetric_fraction(C)
-    if space == "gram":
+        madds = C * C * M * (1 + h_c) + products * C ** 3 * h_c
+        calls = _calls(C) + 1 + products * _calls(C)
+        passes = (3 + 3 * N) * C * C
+    elif space == "gram":
         products = 0 if N == 1 else 9 * (N - 1)
-        h_m, h_c = symmetric_fraction(M), symmetric_fraction(C)
-        return (M * M * C * 2 * h_m + products * M ** 3 * h_m + 3 * C * M * M
-                + C * C * M * (1 + h_c))
-    raise ValueError(f"unknown space {space!r}")
+        madds = (M * M * C * 2 * h_m + products * M ** 3 * h_m + 3 * C * M * M
+                 + C * C * M * (1 + h_c))
+        calls = (2 + products) * _calls(M) + 4 + _calls(C)
+        passes = 2 * C * C + (3 + 3 * N) * M * M
+    else:
+        raise ValueError(f"unknown space {space!r}")
+    return madds + blas_call * calls + elementwise * passes
 
 
-def choose(C: int, M: int, N: int) -> str:
+def choose(C: int, M: int, N: int, **constants) -> str:
     """The cheaper space by :func:`cost` ("gram" only when strictly cheaper)."""
-    return "gram" if cost("gram", C, M, N) < cost("cov", C, M, N) else "cov"
+    return "gram" if cost("gram", C, M, N, **constants) < cost("cov", C, M, N, **constants) \
+        else "cov"
 
 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
