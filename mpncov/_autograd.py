@@ -218,13 +218,13 @@ class IsqrtCovBackward(Function):
 
 
 class IsqrtCovGram(Function):
-    """isqrt_cov_gram(x, iters) -> (vec, saved), the pipeline in the Gram space; only vec
-    is differentiable."""
+    """isqrt_cov_gram(x, iters, recompute_t) -> (vec, saved), the pipeline in the Gram
+    space; only vec is differentiable."""
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, iters):
-        return OPS.isqrt_cov_gram(x, iters)
+    def forward(x, iters, recompute_t):
+        return OPS.isqrt_cov_gram(x, iters, recompute_t)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -236,9 +236,9 @@ class IsqrtCovGram(Function):
     @staticmethod
     def backward(ctx, grad, _grad_saved):
         if grad is None:
-            return None, None
+            return None, None, None
         x, saved = ctx.saved_tensors
-        return IsqrtCovGramBackward.apply(grad, x, saved, ctx.iters), None
+        return IsqrtCovGramBackward.apply(grad, x, saved, ctx.iters), None, None
 
 
 class IsqrtCovGramBackward(Function):
@@ -327,9 +327,9 @@ _register("isqrt_cov_backward",
 
 def _isqrt_cov_gram_bwd(ctx, grad, _grad_saved):
     if grad is None:
-        return None, None
+        return None, None, None
     x, saved = ctx.saved_tensors
-    return IsqrtCovGramBackward.apply(grad, x, saved, ctx.iters), None
+    return IsqrtCovGramBackward.apply(grad, x, saved, ctx.iters), None, None
 
 
 _register("isqrt_cov_gram", _isqrt_cov_gram_bwd, _save(0, outputs=(1,), iters=1))

@@ -94,11 +94,18 @@ def _isqrt_cov_backward_fake(grad, x, cov, saved, iters):
     return features_like(x)
 
 
+def gram_saved_count(iters: int, recompute_t: bool) -> int:
+    """Matrices per sample in isqrt_cov_gram's saved iterates: 3N-2 with the T_k, 2N-1
+    without (recompute_t)."""
+    return 2 * iters - 1 if recompute_t else saved_count(iters)
+
+
 @torch.library.register_fake("mpncov::isqrt_cov_gram")
-def _isqrt_cov_gram_fake(x, iters):
+def _isqrt_cov_gram_fake(x, iters, recompute_t=False):
     _check_iters(iters, "isqrt_cov_gram")
     b, c, m = x.shape
-    saved = x.new_empty((b, saved_count(iters), m, m), dtype=sqrtm_compute_dtype(x.dtype, iters))
+    saved = x.new_empty((b, gram_saved_count(iters, recompute_t), m, m),
+                        dtype=sqrtm_compute_dtype(x.dtype, iters))
     return x.new_empty((b, c * (c + 1) // 2)), saved
 
 

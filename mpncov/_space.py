@@ -84,6 +84,23 @@ def cost(space: str, C: int, M: int, N: int, blas_call: float = BLAS_CALL,
     return madds + blas_call * calls + elementwise * passes
 
 
+#: The Gram space keeps fewer iterates where recomputing them costs at most this fraction of
+#: the modelled forward + backward.
+RECOMPUTE_BUDGET = 0.05
+
+
+def recompute_t(C: int, M: int, N: int) -> bool:
+    """Whether the Gram-space backward computes T_k = 1.5 I - 0.5 Z_k Y_k again instead of
+    keeping them (N-1 of its 3N-2 saved M x M matrices): when those N-1 half products cost
+    at most RECOMPUTE_BUDGET of the modelled forward + backward, i.e. where C is large next
+    to M and the C x M and C x C products dominate (measured, CPU time of fwd+bwd, B = 32,
+    N = 5: +6 % at C = 256, M = 196, where it is not used, and within the noise at M = 49)."""
+    if N < 2:
+        return False
+    extra = (N - 1) * (M ** 3 * symmetric_fraction(M) + BLAS_CALL * _calls(M) + PASS * M * M)
+    return extra <= RECOMPUTE_BUDGET * cost("gram", C, M, N)
+
+
 def choose(C: int, M: int, N: int, **constants) -> str:
     """The cheaper space by :func:`cost` ("gram" only when strictly cheaper)."""
     return "gram" if cost("gram", C, M, N, **constants) < cost("cov", C, M, N, **constants) \

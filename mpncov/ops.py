@@ -178,12 +178,15 @@ def isqrt_cov(x: Tensor, iters: int = 5, *, channel_dim: int = 1, space: str = "
     matrix ``Xc^T Xc`` (M = positions), mapped back with two products, and ``"auto"``
     (default) the one with fewer product-times by the cost model of ``mpncov._space``
     (usually the Gram space when M is clearly below C), among the spaces with a kernel on
-    x's device (the Gram space has CPU kernels only so far).
+    x's device (the Gram space has CPU kernels only so far). The backward keeps 3N-2
+    matrices of C x C per sample in the covariance space and 3N-2 of M x M in the Gram
+    space, 2N-1 where recomputing the other N-1 costs little (C much larger than M).
     """
     iters = _check_iters(iters, "isqrt_cov")
     x = _as_bcm(x, "isqrt_cov", channel_dim)
     if _space.resolve(space, x, iters, "isqrt_cov") == "gram":
-        return _apply(_autograd.IsqrtCovGram, "isqrt_cov", x, iters)[0]
+        recompute_t = _space.recompute_t(x.shape[1], x.shape[2], iters)
+        return _apply(_autograd.IsqrtCovGram, "isqrt_cov", x, iters, recompute_t)[0]
     return _apply(_autograd.IsqrtCov, "isqrt_cov", x, iters)[0]
 
 

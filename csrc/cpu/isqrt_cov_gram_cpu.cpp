@@ -37,8 +37,10 @@
 //
 // Saved for the backward, (3N-2) matrices of M x M per sample:
 //   [G, Y_1..Y_{N-1}, Z_2..Z_{N-1}, T_1..T_{N-1}, Z_N]      (N = 1: [G])
-// Z_1 = 1.5 I - 0.5 G is recomputed (bitwise the forward's); W is recomputed from x (one
-// pass). Degenerate samples as in the C x C path: ||Xc|| = 0 (constant features, M = 1)
+// or, with recompute_t, the 2N-1 of [G, Y_1..Y_{N-1}, Z_2..Z_N] and T_k = 1.5 I - 0.5 Z_k Y_k
+// computed again in the backward (one half M x M product per step; mpncov/_space.py turns
+// it on where that costs little next to the C x M and C x C products). Z_1 = 1.5 I - 0.5 G
+// is recomputed (bitwise the forward's); W is recomputed from x (one pass). Degenerate samples as in the C x C path: ||Xc|| = 0 (constant features, M = 1)
 // gives zero output and zero gradient, NaN gives NaN; per-sample scalars are doubles that
 // are divided by. Beyond kMaxMirroredIters steps float32 runs in float64 and Z and T are
 // full products (limits.h): measured on the Gram matrix (which always has the null vector
@@ -58,11 +60,20 @@
 namespace mpncov {
 namespace {
 
+// Matrices kept per sample: 3N-2 with the T_k, 2N-1 without.
+int64_t gram_saved_count(int64_t N, bool recompute_t) {
+  return recompute_t ? 2 * N - 1 : newton_schulz_saved_count(N);
+}
+
 // One sample's Gram-space iterates: `base` is its slice of `saved` (laid out as above), z1
-// scratch for Z_1.
+// scratch for Z_1, t_scratch for T_k when they are not kept.
 template <typename T>
-NewtonSchulzIterates<T> gram_iterates(T* base, int64_t N, int64_t M, T* z1) {
+NewtonSchulzIterates<T> gram_iterates(T* base, int64_t N, int64_t M, bool recompute_t, T* z1,
+                                      T* t_scratch) {
   const int64_t MM = M * M;
+  if (recompute_t)
+    return {N, M, NewtonSchulzResult::z, base + MM, z1, base + N * MM, t_scratch,
+            base + (2 * N - 2) * MM, /*keeps_t=*/false};
   return {N, M, NewtonSchulzResult::z, base + MM, z1, base + N * MM, base + (2 * N - 2) * MM,
           base + (3 * N - 3) * MM};
 }
@@ -76,6 +87,7 @@ T* gram_of(T* base) {
 // Dimensions and layout shared by one call's samples.
 struct GramShape {
   int64_t C, M, N;
+  bool recompute_t;
   FeatureLayout layout;
   int64_t K() const { return C * (C + 1) / 2; }
 };
@@ -83,7 +95,7 @@ struct GramShape {
 // Scratch of the forward of one sample, in T units: the channel means (C doubles), W, P,
 // the C x C upper triangle of out, Z_1.
 int64_t forward_scratch(const GramShape& d) {
-  return 2 * d.C + 2 * d.C * d.M + d.C * d.C + d.M * d.M;
+  return 2 * d.C + 2 * d.C * d.M + d.C * d.C + 2 * d.M * d.M;
 }
 
 // W = Xc / ||Xc|| (in w, in the layout of x); returns ||Xc||.
@@ -104,13 +116,14 @@ void gram_forward_sample(const T* x, T* vec, T* saved, T* scratch, const GramSha
   T* p = w + C * M;
   T* upper = p + C * M;
   T* z1 = upper + C * C;
+  T* t_scratch = z1 + d.M * d.M;
   const double norm = normalised_features(x, w, d, acc);
   if (!(norm > 0)) return fill_degenerate(vec, norm, d.K());
   const MatrixView<const T> wv = feature_view<const T>(w, C, M, d.layout);
   // G = W^T W
   T* g = gram_of(saved);
   matrix_product<T>(dense(g, M, M), {{wv.transposed(), wv, T(1)}}, T(0), /*symmetric=*/true);
-  const NewtonSchulzIterates<T> it = gram_iterates(saved, d.N, M, z1);
+  const NewtonSchulzIterates<T> it = gram_iterates(saved, d.N, M, d.recompute_t, z1, t_scratch);
   newton_schulz(g, it);
   // P = W R, then the upper triangle of P W^T
   matrix_product<T>(feature_view(p, C, M, d.layout),
@@ -132,14 +145,15 @@ void check_gram_input(const at::Tensor& x, const char* op) {
                     ": x must have at least one position (M >= 1), got shape ", x.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> isqrt_cov_gram_cpu(const at::Tensor& x_in, int64_t iters) {
+std::tuple<at::Tensor, at::Tensor> isqrt_cov_gram_cpu(const at::Tensor& x_in, int64_t iters,
+                                                      bool recompute_t) {
   check_gram_input(x_in, "isqrt_cov_gram");
   check_iters(iters, "isqrt_cov_gram");
   const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2), N = iters;
   const auto ct = sqrtm_compute_dtype(x_in.scalar_type(), N);
-  const int64_t count = newton_schulz_saved_count(N);
+  const int64_t count = gram_saved_count(N, recompute_t);
   at::Tensor saved = cached_buffer({B, count, M, M}, x_in.options().dtype(ct));
-  GramShape d{C, M, N, FeatureLayout::channels_first};
+  GramShape d{C, M, N, recompute_t, FeatureLayout::channels_first};
   at::Tensor vec = at::empty({B, d.K()}, x_in.options().dtype(ct));
   if (B == 0 || C == 0) return {vec.to(x_in.scalar_type()), saved};
   at::Tensor x = features_in(x_in, ct, &d.layout);
@@ -158,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> isqrt_cov_gram_cpu(const at::Tensor& x_in, in
 // Scratch of the backward of one sample, in T units: the channel means, W, E W, E, H, Z_1
 // and the derivative's work matrices.
 int64_t backward_scratch(const GramShape& d) {
-  return 2 * d.C + 2 * d.C * d.M + d.C * d.C + (2 + kNewtonSchulzDerivativeWork) * d.M * d.M;
+  return 2 * d.C + 2 * d.C * d.M + d.C * d.C + (3 + kNewtonSchulzDerivativeWork) * d.M * d.M;
 }
 
 // E = sym(Gamma) for the Gamma whose upper triangle is the incoming vector: g on the
@@ -181,7 +195,8 @@ void gram_backward_sample(const T* grad, const T* x, T* saved, T* dx, T* scratch
   T* e = ew + CM;
   T* h = e + C * C;
   T* z1 = h + MM;
-  T* work = z1 + MM;
+  T* t_scratch = z1 + MM;
+  T* work = t_scratch + MM;
   const double norm = normalised_features(x, w, d, acc);
   if (!(norm > 0)) return fill_degenerate(dx, norm, CM);
   const MatrixView<const T> wv = feature_view<const T>(w, C, M, d.layout);
@@ -193,7 +208,7 @@ void gram_backward_sample(const T* grad, const T* x, T* saved, T* dx, T* scratch
   matrix_product<T>(dense(h, M, M), {{wv.transposed(), ewv, T(1)}}, T(0), /*symmetric=*/true);
   // D = L_r(G, H), with Z_1 recomputed from G
   const T* g = gram_of(saved);
-  const NewtonSchulzIterates<T> it = gram_iterates(saved, d.N, M, z1);
+  const NewtonSchulzIterates<T> it = gram_iterates(saved, d.N, M, d.recompute_t, z1, t_scratch);
   newton_schulz_first_z(g, z1, M);
   const T* dmat = newton_schulz_derivative<T>(h, g, it, work);
   const T* r = it.final_iterate();
@@ -217,15 +232,19 @@ at::Tensor isqrt_cov_gram_backward_cpu(const at::Tensor& grad_in, const at::Tens
   check_input(grad_in, op, "grad", 2);
   check_iters(iters, op);
   const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2), N = iters;
-  GramShape d{C, M, N, FeatureLayout::channels_first};
-  TORCH_CHECK_VALUE(grad_in.size(0) == B && grad_in.size(1) == d.K(), "mpncov.", op, ": grad ",
-                    grad_in.sizes(), " does not match x ", x_in.sizes(), " (expected (", B,
-                    ", ", d.K(), "))");
-  const int64_t count = newton_schulz_saved_count(N);
-  TORCH_CHECK_VALUE(saved_in.dim() == 4 && saved_in.size(0) == B && saved_in.size(1) == count &&
+  TORCH_CHECK_VALUE(grad_in.size(0) == B && grad_in.size(1) == C * (C + 1) / 2, "mpncov.", op,
+                    ": grad ", grad_in.sizes(), " does not match x ", x_in.sizes(),
+                    " (expected (", B, ", ", C * (C + 1) / 2, "))");
+  // The forward kept the T_k (3N-2 matrices) or not (2N-1; the same for N = 1).
+  const int64_t count = saved_in.dim() == 4 ? saved_in.size(1) : -1;
+  const bool recompute_t = count == gram_saved_count(N, true);
+  TORCH_CHECK_VALUE(saved_in.dim() == 4 && saved_in.size(0) == B &&
+                        (recompute_t || count == gram_saved_count(N, false)) &&
                         saved_in.size(2) == M && saved_in.size(3) == M,
                     "mpncov.", op, ": saved has shape ", saved_in.sizes(), ", expected (", B,
-                    ", ", count, ", ", M, ", ", M, ") for iters=", N);
+                    ", ", gram_saved_count(N, false), " or ", gram_saved_count(N, true), ", ", M,
+                    ", ", M, ") for iters=", N);
+  GramShape d{C, M, N, recompute_t, FeatureLayout::channels_first};
   TORCH_CHECK(grad_in.device() == x_in.device() && saved_in.device() == x_in.device(),
               "mpncov.", op, ": tensors on different devices: grad ", grad_in.device(), ", x ",
               x_in.device(), ", saved ", saved_in.device());

@@ -19,6 +19,16 @@ MatrixView<T> out(T* p, int64_t n) {
   return dense<T>(p, n, n);
 }
 
+// Tk = 1.5 I - 0.5 Zk Yk into it.Tk(k): the forward's step, and the derivative's
+// recomputation when the T_k are not kept (bitwise the forward's).
+template <typename T>
+void compute_t(const NewtonSchulzIterates<T>& it, int64_t k, const Mirroring& mirror) {
+  T* tk = it.Tk(k);
+  matrix_product<T>(out(tk, it.n), {{in(it.Z(k), it.n), in(it.Y(k), it.n), T(-0.5)}}, T(0),
+                    mirror.z_t);
+  add_identity(out(tk, it.n), T(1.5));
+}
+
 }  // namespace
 
 template <typename T>
@@ -44,10 +54,9 @@ void newton_schulz(const T* a, const NewtonSchulzIterates<T>& it) {
   matrix_product<T>(out(it.Y(1), n), {{in(a, n), in(it.Z(1), n), T(1)}}, T(0), mirror.y);
   for (int64_t k = 1; k <= N - 1; ++k) {
     // Tk = 1.5 I - 0.5 Zk Yk;  Y(k+1) = Yk Tk;  Z(k+1) = Tk Zk (the last step: the result only)
-    T* tk = it.Tk(k);
     const bool last = k == N - 1;
-    matrix_product<T>(out(tk, n), {{in(it.Z(k), n), in(it.Y(k), n), T(-0.5)}}, T(0), mirror.z_t);
-    add_identity(out(tk, n), T(1.5));
+    compute_t(it, k, mirror);
+    const T* tk = it.Tk(k);
     if (!last || result_y)
       matrix_product<T>(out(it.Y(k + 1), n), {{in(it.Y(k), n), in(tk, n), T(1)}}, T(0),
                         mirror.y);
@@ -73,6 +82,7 @@ T* newton_schulz_derivative(const T* e, const T* a, const NewtonSchulzIterates<T
   if (N == 1) return dy;
   for (int64_t k = 1; k <= N - 1; ++k) {
     const bool last = k == N - 1;
+    if (!it.keeps_t) compute_t(it, k, mirror);
     matrix_product<T>(out(dt, n), {{in(dz, n), in(it.Y(k), n), T(-0.5)},
                                    {in(it.Z(k), n), in(dy, n), T(-0.5)}}, T(0), mirror.z_t);
     if (!last || result_y) {

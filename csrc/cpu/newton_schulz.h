@@ -32,11 +32,15 @@ struct Mirroring {
 // Where one sample's iterates live (each n x n, dense): Y_1.. at y, Z_1 at z1, Z_2.. at z2,
 // T_1..T_{N-1} at t, and the result (Y_N or Z_N) at `last`. The two users lay them out
 // differently (sqrtm_cpu.cpp, isqrt_cov_gram_cpu.cpp); the recurrence only sees this map.
+// With keeps_t false the T_k are not kept: `t` is one scratch matrix that each step of the
+// forward overwrites and the derivative recomputes T_k = 1.5 I - 0.5 Z_k Y_k into (one
+// product per step more in the derivative, N-1 matrices fewer kept).
 template <typename T>
 struct NewtonSchulzIterates {
   int64_t N, n;
   NewtonSchulzResult result;
   T *y, *z1, *z2, *t, *last;
+  bool keeps_t = true;
 
   int64_t nn() const { return n * n; }
   T* Y(int64_t k) const {
@@ -46,7 +50,7 @@ struct NewtonSchulzIterates {
     if (k == 1) return z1;
     return (result == NewtonSchulzResult::z && k == N) ? last : z2 + (k - 2) * nn();
   }
-  T* Tk(int64_t k) const { return t + (k - 1) * nn(); }
+  T* Tk(int64_t k) const { return keeps_t ? t + (k - 1) * nn() : t; }
   T* final_iterate() const { return result == NewtonSchulzResult::y ? Y(N) : Z(N); }
 };
 
