@@ -6,8 +6,8 @@ G = Xc^T Xc / (M t) (M positions) and be mapped back with two products. Which is
 depends on C, M and the number of iterations N, not on M < C alone: the Gram space pays
 about 4 C M^2 multiply-adds more to map back and forth, and saves 9 (N-1) (C^3 - M^3) / 2
 in the recurrence, so with N = 1 (no recurrence products in the Gram space, but also only
-three in the covariance space) it wins only below about M = 0.6 C, with N = 5 up to about
-M = 0.85 C.
+three in the covariance space) it wins only below about M = 0.7 C, with N = 3 to 5 up to
+about M = 0.9 C (by the model below, for C = 64 to 512).
 
 The cost model counts what the CPU kernels do in forward + backward per sample
 (csrc/cpu/sqrtm_cpu.cpp, covpool_cpu.cpp, isqrt_cov_gram_cpu.cpp), in multiply-adds:

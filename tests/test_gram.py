@@ -12,6 +12,7 @@ import torch
 
 import mpncov
 from mpncov import _space
+from checks import output_and_grad as _grad, randn as _x, rel_err as _err
 from reference import covpool_ref, isqrt_cov_ref, sqrtm_ref, triuvec_ref
 
 F64 = torch.float64
@@ -21,24 +22,6 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # the size where symmetric products go blockwise (48), ragged blocks (130).
 SHAPES = [(2, 7, 3), (2, 16, 5), (2, 9, 9), (2, 5, 12), (3, 6, 1), (2, 1, 5), (2, 47, 20),
           (2, 48, 48), (2, 130, 50), (1, 40, 60), (2, 60, 130)]
-
-
-def _x(shape, seed=0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=F64).to(dtype)
-
-
-def _grad(fn, x, g):
-    x = x.detach().requires_grad_()
-    out = fn(x)
-    (d,) = torch.autograd.grad(out, x, g)
-    return out.detach(), d
-
-
-def _err(a, b):
-    """Largest difference relative to the larger magnitude (1 at least)."""
-    scale = max(1.0, b.double().abs().max().item() if b.numel() else 0.0)
-    return ((a.double() - b.double()).abs().max().item() if a.numel() else 0.0) / scale
 
 
 def _pipeline(space, iters):

@@ -10,27 +10,11 @@ import torch
 
 import mpncov
 from mpncov.nn import MPNCOV, CovPool
+from checks import output_and_grad as _grad, randn as _x, rel_err as _err
 from reference import covpool_ref, isqrt_cov_ref
 
 F64 = torch.float64
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def _x(shape, seed=0, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=F64).to(dtype)
-
-
-def _grad(fn, x, g):
-    x = x.detach().requires_grad_()
-    out = fn(x)
-    (d,) = torch.autograd.grad(out, x, g)
-    return out.detach(), d
-
-
-def _err(a, b):
-    scale = max(1.0, b.double().abs().max().item() if b.numel() else 0.0)
-    return ((a.double() - b.double()).abs().max().item() if a.numel() else 0.0) / scale
 
 
 # (B, N, C): N positions (tokens), C channels; M < C, M = C, M > C, one token, one channel.
