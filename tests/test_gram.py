@@ -181,6 +181,11 @@ def test_zero_nan_and_normal_samples_are_independent(iters):
     keep = [0, 3]
     out_r, dx_r = _grad(lambda t: isqrt_cov_ref(t, iters), x[keep], g[keep])
     assert _err(out[keep], out_r) <= 1e-12 and _err(dx[keep], dx_r) <= 1e-11
+    # the covariance space follows the same rules
+    out_c, dx_c = _grad(_pipeline("cov", iters), x, g)
+    assert not out_c[1].any() and not dx_c[1].any()
+    assert torch.isnan(out_c[2]).all() and torch.isnan(dx_c[2]).all()
+    assert _err(out[keep], out_c[keep]) <= 1e-12 and _err(dx[keep], dx_c[keep]) <= 1e-12
 
 
 def test_tiny_float32_features_give_finite_results():

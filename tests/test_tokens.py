@@ -47,6 +47,14 @@ def test_isqrt_cov_of_tokens(shape, iters, space):
     assert dx.is_contiguous()
 
 
+@pytest.mark.parametrize("space", ["cov", "gram"])
+def test_gradgradcheck_of_tokens(space):
+    tokens = _x((2, 3, 5), seed=25).requires_grad_()  # (B, N, C)
+    assert torch.autograd.gradgradcheck(
+        lambda t: mpncov.isqrt_cov(t, 3, channel_dim=-1, space=space), (tokens,))
+    assert torch.autograd.gradgradcheck(lambda t: mpncov.covpool(t, channel_dim=-1), (tokens,))
+
+
 def test_four_dimensional_tokens_and_channels_last():
     x = _x((2, 6, 3, 4), seed=4)                     # (B, C, H, W)
     nhwc = x.permute(0, 2, 3, 1).contiguous()        # (B, H, W, C)
@@ -61,6 +69,29 @@ def test_four_dimensional_tokens_and_channels_last():
     xl = x.to(memory_format=torch.channels_last).requires_grad_()
     mpncov.isqrt_cov(xl, 3, space="gram").sum().backward()
     assert xl.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("space", ["cov", "gram"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float16, 3e-3),
+                                       (torch.bfloat16, 2e-2)])
+def test_low_precision_tokens(space, dtype, tol):
+    tokens = _x((2, 9, 20), seed=26)
+    g = _x((2, 210), seed=27)
+    ref = _grad(lambda t: isqrt_cov_ref(t.transpose(1, 2), 5), tokens.to(dtype).double(), g)
+    out, dx = _grad(lambda t: mpncov.isqrt_cov(t, 5, channel_dim=-1, space=space),
+                    tokens.to(dtype), g.to(dtype))
+    assert out.dtype == dtype and dx.dtype == dtype and dx.is_contiguous()
+    assert _err(out, ref[0]) < tol and _err(dx, ref[1]) < 10 * tol
+
+
+@pytest.mark.parametrize("space", ["cov", "gram"])
+def test_empty_batch_of_tokens(space):
+    tokens = torch.zeros(0, 7, 5, dtype=F64, requires_grad=True)
+    out = mpncov.isqrt_cov(tokens, 3, channel_dim=-1, space=space)
+    assert out.shape == (0, 15)
+    out.sum().backward()
+    assert tokens.grad.shape == tokens.shape
+    assert mpncov.covpool(tokens.detach(), channel_dim=-1).shape == (0, 5, 5)
 
 
 def _ops_run(fn):

@@ -93,7 +93,7 @@ struct GramShape {
 };
 
 // Scratch of the forward of one sample, in T units: the channel means (C doubles), W, P,
-// the C x C upper triangle of out, Z_1.
+// the C x C upper triangle of out, Z_1, and T_k when they are not kept.
 int64_t forward_scratch(const GramShape& d) {
   return 2 * d.C + 2 * d.C * d.M + d.C * d.C + 2 * d.M * d.M;
 }
@@ -169,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor> isqrt_cov_gram_cpu(const at::Tensor& x_in, in
   return {vec.to(x_in.scalar_type()), saved};
 }
 
-// Scratch of the backward of one sample, in T units: the channel means, W, E W, E, H, Z_1
-// and the derivative's work matrices.
+// Scratch of the backward of one sample, in T units: the channel means, W, E W, E, H, Z_1,
+// T_k when they are not kept, and the derivative's work matrices.
 int64_t backward_scratch(const GramShape& d) {
   return 2 * d.C + 2 * d.C * d.M + d.C * d.C + (3 + kNewtonSchulzDerivativeWork) * d.M * d.M;
 }

@@ -42,14 +42,9 @@ void matrix_product(const MatrixView<T>& out, std::initializer_list<Term<T>> ter
   const int64_t n = out.rows, m = out.cols;
   if (!symmetric && m > 1 && out.col_stride != 1) {
     // Dense columns: out^T = sum_i alpha_i b_i^T a_i^T has dense rows.
-    TORCH_INTERNAL_ASSERT(terms.size() <= 4, "matrix_product: at most 4 terms");
-    Term<T> transposed[4];
-    size_t i = 0;
-    for (const Term<T>& t : terms) transposed[i++] = {t.b.transposed(), t.a.transposed(), t.alpha};
-    MatrixView<T> out_t = out.transposed();
     T b = beta;
-    for (size_t j = 0; j < i; ++j) {
-      blas_gemm<T>(transposed[j].a, transposed[j].b, out_t, transposed[j].alpha, b);
+    for (const Term<T>& t : terms) {
+      blas_gemm<T>(t.b.transposed(), t.a.transposed(), out.transposed(), t.alpha, b);
       b = T(1);
     }
     return;
