@@ -12,7 +12,11 @@ written against the published ``MPNCOV.py`` in :mod:`mpncov.compat`.
 """
 import importlib
 
-from .ops import covpool, cpu_buffer_bytes, isqrt_cov, release_cpu_buffers, sqrtm, triuvec
+from . import _extension
+
+_extension.load()  # a clear ImportError when the extension is not built here or does not load
+
+from .ops import covpool, cpu_buffer_bytes, isqrt_cov, release_cpu_buffers, sqrtm, triuvec  # noqa: E402
 
 try:
     from ._build_config import VERSION as __version__

@@ -1,11 +1,15 @@
-"""Build and runtime facts: ``python -m mpncov.info``.
+"""Build and runtime facts: ``python -m mpncov.info [--check-cuda]``.
 
 Prints the versions of Python, torch, CUDA and the compiler torch was built with, whether
 the CUDA kernels of mpncov are built and for which archs, and which mpncov operators are
-registered with kernels for which backends.
+registered with kernels for which backends. ``--check-cuda`` then exits non-zero unless the
+build has its CUDA kernels and every operator (``mpncov.ops.OPS``, except the CPU-only
+``mpncov.ops.CPU_ONLY_OPS``) has a CUDA kernel registered (needs no GPU: registration
+happens when the extension loads).
 """
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 
@@ -65,7 +69,7 @@ def report() -> str:
         f"torch CUDA    {torch.version.cuda or 'none (CPU build)'}",
         f"GPU           {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}",
         f"built against torch {cfg.get('BUILT_WITH_TORCH', 'unknown')}",
-        f"CUDA kernels  {'built, archs ' + str(cfg.get('CUDA_ARCHS')) if cfg.get('WITH_CUDA') else 'not built (CPU only)'}",
+        f"CUDA kernels  {_cuda_build(cfg)}",
         f"CPU threads   {torch.get_num_threads()}",
         f"CPU products  {cpu_products()}",
         f"CPU mirror    {cpu_transposes()}",
@@ -76,9 +80,51 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def _cuda_build(cfg: dict) -> str:
+    if not cfg.get("WITH_CUDA"):
+        return "not built (CPU only)"
+    return (f"built, archs {cfg.get('CUDA_ARCHS')}, CUDA {cfg.get('BUILT_WITH_CUDA')}, "
+            f"toolkit {cfg.get('CUDA_TOOLKIT', 'unknown')}")
+
+
+def missing_cuda_kernels() -> list:
+    """Problems that keep this build from running every operator on CUDA (empty: none).
+
+    An operator runs on CUDA through its own CUDA kernel or through a composite kernel
+    (CompositeExplicitAutograd: isqrt_cov calls the other operators), which fills the CUDA
+    slot of the dispatch table; the other operators are checked for their own kernels,
+    except those with CPU kernels only so far (``mpncov.ops.CPU_ONLY_OPS``).
+    """
+    import mpncov.ops as ops
+    problems = []
+    if not build_config().get("WITH_CUDA"):
+        problems.append("the build has no CUDA kernels (build config WITH_CUDA is not True)")
+    for name, keys in registered_ops().items():
+        if name in ops.CPU_ONLY_OPS:
+            continue
+        if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"mpncov::{name}", "CUDA"):
+            problems.append(f"mpncov::{name} has no kernel for CUDA (has: {', '.join(keys) or 'none'})")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpncov.info", description=__doc__.splitlines()[0])
+    parser.add_argument("--check-cuda", action="store_true",
+                        help="exit 1 unless every operator (but the CPU-only ones) has a CUDA "
+                             "kernel registered")
+    args = parser.parse_args(argv)
     print(report())
+    if args.check_cuda:
+        problems = missing_cuda_kernels()
+        for problem in problems:
+            print(f"CUDA check FAILED: {problem}")
+        if problems:
+            return 1
+        import mpncov.ops as ops
+        print(f"CUDA check passed: all {len(registered_ops()) - len(ops.CPU_ONLY_OPS)} "
+              f"operators have a kernel for CUDA (CPU only so far: {', '.join(ops.CPU_ONLY_OPS)})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

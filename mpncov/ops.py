@@ -39,7 +39,7 @@ from . import _autograd, _meta, _space, _vmap  # noqa: F401  (kernels, fakes, au
 from ._meta import MAX_ITERS
 
 __all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "release_cpu_buffers", "cpu_buffer_bytes",
-           "OPS", "MAX_ITERS"]
+           "OPS", "CPU_ONLY_OPS", "MAX_ITERS"]
 
 #: The registered operator names (forward and backward).
 OPS = (
@@ -49,6 +49,10 @@ OPS = (
     "isqrt_cov", "isqrt_cov_backward",
     "isqrt_cov_gram", "isqrt_cov_gram_backward",
 )
+
+#: Operators with CPU kernels only so far: the Gram-space pipeline (``space="auto"`` runs the
+#: covariance space on other devices).
+CPU_ONLY_OPS = ("isqrt_cov_gram", "isqrt_cov_gram_backward")
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

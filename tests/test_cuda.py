@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("CUDA is not available", allow_module_level=True)
 
 import mpncov  # noqa: E402
+import reference  # noqa: E402
 
 DEV = "cuda"
 F64 = torch.float64
@@ -39,19 +40,11 @@ def ref_covpool(x):
 
 
 def ref_sqrtm(s, iters):
-    n = s.shape[-1]
-    eye = torch.eye(n, dtype=s.dtype, device=s.device).expand_as(s)
-    t = s.diagonal(dim1=1, dim2=2).sum(-1)
-    t = torch.where(t == 0, torch.ones_like(t), t)[:, None, None]
-    a = s / t
-    t0 = 0.5 * (3 * eye - a)
-    y, z = a @ t0, t0
-    for _ in range(iters - 2):
-        tk = 0.5 * (3 * eye - z @ y)
-        y, z = y @ tk, tk @ z
-    if iters >= 2:
-        y = y @ (0.5 * (3 * eye - z @ y))
-    return t.sqrt() * y
+    """SPEC sqrtm (tests/reference.py) of sym(s) = (s + s^T) / 2, zero where tr(s) = 0."""
+    t = s.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None]
+    eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device).expand_as(s)
+    s_sym = torch.where(t == 0, eye, 0.5 * (s + s.transpose(1, 2)))
+    return torch.where(t == 0, torch.zeros_like(s), reference.sqrtm_ref(s_sym, iters))
 
 
 def ref_triuvec(s):
@@ -149,31 +142,75 @@ def test_sqrtm(c, iters, dtype):
         assert_rel(out, mpncov.sqrtm(s, iters=iters), TOL[dtype], "sqrtm cuda vs cpu")
 
 
-@pytest.mark.parametrize("symmetric_grad", [False, True])
-@pytest.mark.parametrize("iters", range(1, 9))
+@pytest.mark.parametrize("iters", list(range(1, 13)) + [20])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sqrtm_raw_ops_vs_cpu(iters, symmetric_grad, dtype):
+def test_sqrtm_raw_ops_vs_cpu(iters, dtype):
+    # iters <= 8 mirror every product, iters > 8 compute the T and Z products in full.
     c = 70 if iters % 2 else 129
     s = spd(3, c, seed=iters, dtype=dtype)
+    s = 0.5 * (s + s.transpose(1, 2))
     s[1] = 0  # a zero sample: zero output, zero gradient
     out, saved = torch.ops.mpncov.sqrtm(s.to(DEV), iters)
     out_cpu, saved_cpu = torch.ops.mpncov.sqrtm(s, iters)
-    assert saved.shape == (3, 3 * (iters - 1) + 1, c, c) and saved.dtype == dtype
+    # Beyond 8 iterations float32 is computed (and saved) in float64, as on the CPU.
+    saved_dtype = F64 if iters > 8 else dtype
+    assert saved.shape == (3, 3 * (iters - 1) + 1, c, c) and saved.dtype == saved_dtype
+    assert saved_cpu.dtype == saved_dtype
     assert_rel(out, out_cpu, TOL[dtype], "sqrtm out")
-    assert_rel(saved, saved_cpu, TOL[dtype], "sqrtm saved")
+    live = [0, 2]  # the CPU op leaves the saved iterates of a zero-trace sample unwritten
+    assert_rel(saved[live], saved_cpu[live], TOL[dtype], "sqrtm saved")
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     g = torch.randn(3, c, c, generator=gen(5), dtype=F64).to(dtype)
-    ds = torch.ops.mpncov.sqrtm_backward(g.to(DEV), s.to(DEV), saved, iters, symmetric_grad)
-    ds_cpu = torch.ops.mpncov.sqrtm_backward(g, s, saved_cpu, iters, symmetric_grad)
+    ds = torch.ops.mpncov.sqrtm_backward(g.to(DEV), s.to(DEV), saved, iters)
+    ds_cpu = torch.ops.mpncov.sqrtm_backward(g, s, saved_cpu, iters)
     assert_rel(ds, ds_cpu, GRAD_TOL[dtype], "sqrtm_backward cuda vs cpu")
     assert torch.equal(ds[1], torch.zeros_like(ds[1]))
-    # Against the reference: symmetric_grad uses (G + G^T)/2.
-    gs = 0.5 * (g + g.transpose(1, 2)) if symmetric_grad else g
-    ref = grad_of(lambda a: ref_sqrtm(a, iters), s.double(), gs.double())
+    ref = grad_of(lambda a: ref_sqrtm(a, iters), s.double(), g.double())
     ref[1] = 0
     assert_rel(ds, ref, GRAD_TOL[dtype], "sqrtm_backward vs reference")
-    if symmetric_grad:
-        assert_rel(ds, ds.transpose(1, 2), TOL[dtype], "sqrtm_backward symmetric")
+    assert torch.equal(ds, ds.transpose(1, 2)), "sqrtm_backward must be exactly symmetric"
+
+
+@pytest.mark.parametrize("iters", [3, 10])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sqrtm_reads_the_symmetric_part(iters, dtype):
+    s = spd(2, 70, seed=20, dtype=F64)
+    skew = torch.randn(2, 70, 70, generator=gen(21), dtype=F64)
+    s = (s + 0.3 * (skew - skew.transpose(1, 2))).to(DEV, dtype)
+    s_sym = 0.5 * (s + s.transpose(1, 2))
+    out, saved = torch.ops.mpncov.sqrtm(s, iters)
+    out_sym, saved_sym = torch.ops.mpncov.sqrtm(s_sym, iters)
+    assert torch.equal(out, out_sym) and torch.equal(saved, saved_sym)
+    g = torch.randn(2, 70, 70, generator=gen(22), dtype=F64).to(DEV, dtype)
+    ds = torch.ops.mpncov.sqrtm_backward(g, s, saved, iters)
+    assert torch.equal(ds, torch.ops.mpncov.sqrtm_backward(g, s_sym, saved_sym, iters))
+    ref = grad_of(lambda a: ref_sqrtm(a, iters), s.double().cpu(), g.double().cpu())
+    assert_rel(ds, ref, GRAD_TOL[dtype], "gradient of sqrtm(sym(S))")
+
+
+@pytest.mark.parametrize("iters", [5, 11])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sqrtm_trace_rules(iters, dtype):
+    # SPD, zero (t = 0), negative definite (t < 0), SPD scaled below the smallest normal.
+    base = spd(1, 9, seed=23)[0]
+    base = 0.5 * (base + base.T)
+    tiny_exp = -130 if dtype == torch.float32 else -1030
+    s = torch.stack([base, torch.zeros_like(base), -base, base * 2.0 ** tiny_exp]).to(DEV, dtype)
+    g = torch.randn(4, 9, 9, generator=gen(24), dtype=F64).to(DEV, dtype)
+    out, saved = torch.ops.mpncov.sqrtm(s, iters)
+    ds = torch.ops.mpncov.sqrtm_backward(g, s, saved, iters)
+    out0, saved0 = torch.ops.mpncov.sqrtm(s[:1], iters)
+    assert torch.equal(out[:1], out0), "one bad sample must not touch the others"
+    assert torch.equal(ds[:1], torch.ops.mpncov.sqrtm_backward(g[:1], s[:1], saved0, iters))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(ds[1], torch.zeros_like(ds[1]))
+    assert torch.isnan(out[2]).all() and torch.isnan(ds[2]).all()
+    assert torch.isfinite(out[3]).all() and torch.isfinite(ds[3]).all()
+    # sqrtm(c S) = sqrt(c) sqrtm(S); its gradient at c S is the one at S over sqrt(c).
+    ref_out = ref_sqrtm(base[None], iters)[0] * 2.0 ** (tiny_exp / 2)
+    ref_ds = grad_of(lambda a: ref_sqrtm(a, iters), base[None], g[3:].double().cpu())[0]
+    assert_rel(out[3], ref_out, 1e-3, "tiny t output")
+    assert_rel(ds[3], ref_ds * 2.0 ** (-tiny_exp / 2), 1e-3, "tiny t gradient")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -305,8 +342,9 @@ def _opcheck_cases():
         (torch.ops.mpncov.covpool.default, (x,)),
         (torch.ops.mpncov.covpool_backward.default, (g, x.detach())),
         (torch.ops.mpncov.sqrtm.default, (s, 3)),
-        (torch.ops.mpncov.sqrtm_backward.default, (g, s.detach(), saved, 3, False)),
-        (torch.ops.mpncov.sqrtm_backward.default, (g, s.detach(), saved, 3, True)),
+        (torch.ops.mpncov.sqrtm_backward.default, (g, s.detach(), saved, 3)),
+        (torch.ops.mpncov.sqrtm_backward.default,
+         (g, s.detach(), torch.ops.mpncov.sqrtm(s.detach(), 10)[1], 10)),
         (torch.ops.mpncov.triuvec.default, (s,)),
         (torch.ops.mpncov.triuvec_backward.default, (torch.randn(2, 15, device=DEV), 5)),
         (torch.ops.mpncov.isqrt_cov.default, (x, 3)),
@@ -400,8 +438,12 @@ def test_argument_errors():
     # (ValueError / TypeError); the kernel's own checks raise RuntimeError.
     errors = (RuntimeError, ValueError, TypeError)
     ops = torch.ops.mpncov
-    with pytest.raises(errors, match="iters"):
-        ops.sqrtm(torch.eye(3, device=DEV)[None], 0)
+    for bad in (0, 101):
+        with pytest.raises(ValueError, match=f"iters must be between 1 and 100, got {bad}"):
+            ops.sqrtm(torch.eye(3, device=DEV)[None], bad)
+        with pytest.raises(ValueError, match=f"iters must be between 1 and 100, got {bad}"):
+            torch.ops.mpncov.sqrtm_backward(torch.eye(3, device=DEV)[None], torch.eye(3, device=DEV)[None],
+                              torch.zeros(1, 1, 3, 3, device=DEV), bad)
     with pytest.raises(errors, match="square"):
         ops.sqrtm(torch.randn(2, 3, 4, device=DEV), 3)
     with pytest.raises(errors, match="shape"):
@@ -414,4 +456,30 @@ def test_argument_errors():
         ops.covpool_backward(torch.randn(2, 3, 3), torch.randn(2, 3, 4, device=DEV))
     with pytest.raises(errors, match="saved"):
         s = torch.eye(3, device=DEV)[None]
-        ops.sqrtm_backward(s, s, torch.zeros(1, 2, 3, 3, device=DEV), 3, False)
+        torch.ops.mpncov.sqrtm_backward(s, s, torch.zeros(1, 2, 3, 3, device=DEV), 3)
+
+
+# ---- the cuBLAS product path (MPNCOV_CUDA_PRODUCTS=cublas) ---------------------------------
+
+@pytest.mark.parametrize("iters", [1, 5, 11])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cublas_products_match_kernels(iters, dtype, monkeypatch):
+    x = features(3, 129, 196, seed=30 + iters).to(DEV, dtype)
+    g = torch.randn(3, 129 * 130 // 2, generator=gen(31), dtype=F64).to(DEV, dtype)
+    monkeypatch.setenv("MPNCOV_CUDA_PRODUCTS", "kernels")
+    out_k, dx_k = _pipeline(x, g, iters)[:2]
+    monkeypatch.setenv("MPNCOV_CUDA_PRODUCTS", "cublas")
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32-exact products for the comparison
+    try:
+        out_c, dx_c = _pipeline(x, g, iters)[:2]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert_rel(out_c, out_k, TOL[dtype] * 5, "cublas vs kernels forward")
+    assert_rel(dx_c, dx_k, GRAD_TOL[dtype] * 5, "cublas vs kernels backward")
+
+
+def test_products_env_value_checked(monkeypatch):
+    monkeypatch.setenv("MPNCOV_CUDA_PRODUCTS", "fast")
+    with pytest.raises(ValueError, match="MPNCOV_CUDA_PRODUCTS must be 'kernels' or 'cublas'"):
+        mpncov.covpool(torch.randn(2, 3, 4, device=DEV))

@@ -15,12 +15,35 @@
 namespace mpncov {
 namespace cuda {
 
-// Scratch of covpool_forward: the row means (batch * c).
-inline int64_t covpool_forward_workspace(int64_t batch, int64_t c) { return batch * c; }
+// Blocks the forward product should have for a full wave on current GPUs (H100: 132 SMs
+// x 6 resident tile blocks = 792; A100: 108 x 6 = 648).
+constexpr int64_t kCovpoolTargetBlocks = 1024;
 
-// Scratch of covpool_backward: the row means, then G + G^T (batch * c * c).
-inline int64_t covpool_backward_workspace(int64_t batch, int64_t c) {
-  return batch * c + batch * c * c;
+// Parts into which covpool_forward splits the sum over M when the upper tiles of the
+// batch alone would leave the GPU partly idle (C = 128, B = 128: 384 blocks -> 3 parts),
+// each part at least 4 slabs of 16 positions, at most 8 parts. The parts are added in
+// fixed order afterwards, so results stay bitwise reproducible.
+inline int64_t covpool_forward_splits(int64_t batch, int64_t c, int64_t m) {
+  const int64_t tiles = (c + 63) / 64;
+  const int64_t blocks = tiles * (tiles + 1) / 2 * (batch < 65535 ? batch : 65535);
+  if (blocks <= 0 || blocks >= kCovpoolTargetBlocks) return 1;
+  int64_t splits = (kCovpoolTargetBlocks + blocks - 1) / blocks;
+  const int64_t by_depth = (m + 63) / 64;  // parts of at least 4 slabs
+  if (splits > by_depth) splits = by_depth;
+  if (splits > 8) splits = 8;
+  return splits < 1 ? 1 : splits;
+}
+
+// Scratch of covpool_forward: Xc^T, X centred and transposed (batch * m * c), then the partial sums
+// of the split (splits * batch * c * c) when it splits.
+inline int64_t covpool_forward_workspace(int64_t batch, int64_t c, int64_t m) {
+  const int64_t splits = covpool_forward_splits(batch, c, m);
+  return batch * c * m + (splits > 1 ? splits * batch * c * c : 0);
+}
+
+// Scratch of covpool_backward: Xc, then G + G^T (batch * c * c).
+inline int64_t covpool_backward_workspace(int64_t batch, int64_t c, int64_t m) {
+  return batch * c * m + batch * c * c;
 }
 
 // out = S (batch, c, c). Requires m >= 1.

@@ -4,7 +4,8 @@
 //
 // Dtypes: float32 and float64 are computed natively; float16 and bfloat16 are computed
 // in float32 and the result is cast back to the input dtype (sqrtm's `saved` stays in
-// float32, the compute dtype, and sqrtm_backward reads it in that dtype).
+// the compute dtype, and sqrtm_backward reads it in that dtype). sqrtm with more than
+// kMaxMirroredIters iterations computes float32 in float64 (csrc/limits.h).
 //
 // The stream comes from c10/cuda/CUDAStream.h (the same stream at::cuda::
 // getCurrentCUDAStream returns); ATen/cuda/CUDAContext.h is avoided because it pulls in
@@ -17,8 +18,12 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
+#include "../limits.h"
+#include "aten_products.h"
 #include "covpool_kernel.cuh"
 #include "sqrtm_kernel.cuh"
 #include "triuvec_kernel.cuh"
@@ -58,7 +63,16 @@ void check_square_batch(const Tensor& t, const char* op, const char* name) {
 }
 
 void check_iters(int64_t iters, const char* op) {
-  TORCH_CHECK(iters >= 1, "mpncov.", op, ": expected iters >= 1, got ", iters);
+  TORCH_CHECK_VALUE(mpncov::cuda::sqrtm_iters_valid(iters), "mpncov.", op,
+                    ": iters must be between 1 and ", mpncov::kMaxIters, ", got ", iters);
+}
+
+// sqrtm's compute dtype: compute_dtype, and float32 in float64 beyond kMaxMirroredIters
+// iterations (csrc/limits.h: float32 long runs diverge on rank-deficient input). Its saved
+// iterates have this dtype.
+at::ScalarType sqrtm_compute_dtype(at::ScalarType t, int64_t iters) {
+  const at::ScalarType ct = compute_dtype(t);
+  return (ct == at::kFloat && !mpncov::mirrors_all_products(iters)) ? at::kDouble : ct;
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -67,6 +81,16 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// MPNCOV_CUDA_PRODUCTS (read at every call): "kernels" (default) runs the hand-written
+// kernels, "cublas" the same recurrences with ATen's batched matmul (aten_products.h).
+bool use_cublas_products() {
+  const char* v = std::getenv("MPNCOV_CUDA_PRODUCTS");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "kernels") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(v, "cublas") == 0,
+                    "mpncov: MPNCOV_CUDA_PRODUCTS must be 'kernels' or 'cublas', got '", v, "'");
+  return true;
+}
 
 // x: (B, C, H, W) or (B, C, M) -> M.
 int64_t positions(const Tensor& x, const char* op) {
@@ -90,8 +114,9 @@ Tensor covpool_cuda(const Tensor& x) {
   TORCH_CHECK(m >= 1, "mpncov.covpool: expected at least one position (M = H*W >= 1), got x of "
               "shape ", x.sizes());
   const Tensor xc = x.reshape({b, c, m}).to(ct).contiguous();
+  if (use_cublas_products()) return mpncov::cuda::covpool_aten(xc).to(x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_covpool_cuda", [&] {
-    Tensor work = at::empty({mpncov::cuda::covpool_forward_workspace(b, c)}, xc.options());
+    Tensor work = at::empty({mpncov::cuda::covpool_forward_workspace(b, c, m)}, xc.options());
     check_launch(mpncov::cuda::covpool_forward<scalar_t>(
                      xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                      work.data_ptr<scalar_t>(), b, c, m, current_stream()),
@@ -119,8 +144,10 @@ Tensor covpool_backward_cuda(const Tensor& grad, const Tensor& x) {
   if (b == 0 || c == 0 || m == 0) return dx.view(x.sizes()).to(x.scalar_type());
   const Tensor xc = x.reshape({b, c, m}).to(ct).contiguous();
   const Tensor gc = grad.to(ct).contiguous();
+  if (use_cublas_products())
+    return mpncov::cuda::covpool_backward_aten(gc, xc).view(x.sizes()).to(x.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_covpool_backward_cuda", [&] {
-    Tensor work = at::empty({mpncov::cuda::covpool_backward_workspace(b, c)}, xc.options());
+    Tensor work = at::empty({mpncov::cuda::covpool_backward_workspace(b, c, m)}, xc.options());
     check_launch(mpncov::cuda::covpool_backward<scalar_t>(
                      gc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
                      work.data_ptr<scalar_t>(), b, c, m, current_stream()),
@@ -138,12 +165,16 @@ std::tuple<Tensor, Tensor> sqrtm_cuda(const Tensor& s, int64_t iters) {
   const int64_t b = s.size(0);
   const int64_t n = s.size(1);
   const c10::cuda::CUDAGuard guard(s.device());
-  const at::ScalarType ct = compute_dtype(s.scalar_type());
+  const at::ScalarType ct = sqrtm_compute_dtype(s.scalar_type(), iters);
   const auto opts = s.options().dtype(ct);
   Tensor out = at::empty({b, n, n}, opts);
   Tensor saved = at::empty({b, mpncov::cuda::sqrtm_saved_slots(iters), n, n}, opts);
   if (b == 0 || n == 0) return {out.to(s.scalar_type()), saved};
   const Tensor sc = s.to(ct).contiguous();
+  if (use_cublas_products()) {
+    auto [root, saved_aten] = mpncov::cuda::sqrtm_aten(sc, iters);
+    return {root.to(s.scalar_type()), saved_aten};
+  }
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_sqrtm_cuda", [&] {
     Tensor work = at::empty({mpncov::cuda::sqrtm_forward_workspace(b, n, iters)}, opts);
     check_launch(mpncov::cuda::sqrtm_forward<scalar_t>(
@@ -155,7 +186,7 @@ std::tuple<Tensor, Tensor> sqrtm_cuda(const Tensor& s, int64_t iters) {
   return {out.to(s.scalar_type()), saved};
 }
 
-// dS in s's dtype.
+// dS in s's dtype: the gradient of sqrtm(sym(S)) for any grad.
 Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& saved,
                            int64_t iters) {
   check_tensor(grad, "sqrtm_backward", "grad");
@@ -175,20 +206,21 @@ Tensor sqrtm_backward_cuda(const Tensor& grad, const Tensor& s, const Tensor& sa
               "mpncov.sqrtm_backward: expected saved of shape (", b, ", ", slots, ", ", n, ", ",
               n, ") for iters = ", iters, ", got ", saved.sizes());
   const c10::cuda::CUDAGuard guard(s.device());
-  const at::ScalarType ct = compute_dtype(s.scalar_type());
+  const at::ScalarType ct = sqrtm_compute_dtype(s.scalar_type(), iters);
   const auto opts = s.options().dtype(ct);
   Tensor ds = at::empty({b, n, n}, opts);
   if (b == 0 || n == 0) return ds.to(s.scalar_type());
   const Tensor gc = grad.to(ct).contiguous();
   const Tensor sc = s.to(ct).contiguous();
   const Tensor savedc = saved.to(ct).contiguous();
+  if (use_cublas_products())
+    return mpncov::cuda::sqrtm_backward_aten(gc, sc, savedc, iters).to(s.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_sqrtm_backward_cuda", [&] {
     Tensor work = at::empty({mpncov::cuda::sqrtm_backward_workspace(b, n, iters)}, opts);
     check_launch(mpncov::cuda::sqrtm_backward<scalar_t>(
                      gc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
                      savedc.data_ptr<scalar_t>(), ds.data_ptr<scalar_t>(),
-                     work.data_ptr<scalar_t>(), b, n, iters, /*symmetric_grad=*/true,
-                     current_stream()),
+                     work.data_ptr<scalar_t>(), b, n, iters, current_stream()),
                  "sqrtm_backward");
   });
   return ds.to(s.scalar_type());

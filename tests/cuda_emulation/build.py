@@ -31,6 +31,8 @@ def build(out_dir: str | os.PathLike, cxx: str | None = None) -> pathlib.Path:
     src = out / "src"
     src.mkdir(parents=True, exist_ok=True)
     units = []
+    # csrc/cuda includes "../limits.h": keep that relative layout.
+    shutil.copy(CUDA_SRC.parent / "limits.h", out / "limits.h")
     for f in sorted(CUDA_SRC.iterdir()):
         if f.suffix == ".cuh":
             shutil.copy(f, src / f.name)
@@ -42,13 +44,24 @@ def build(out_dir: str | os.PathLike, cxx: str | None = None) -> pathlib.Path:
         raise RuntimeError(f"no .cu sources in {CUDA_SRC}")
     lib = out / "libmpncov_cuda_emu.so"
     cmd = [cxx or os.environ.get("CXX", "g++"), "-std=c++17", "-O2", "-fPIC", "-shared",
-           "-Wall", "-Wno-unused-function", f"-I{HERE / 'include'}", f"-I{src}",
+           "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", f"-I{HERE / 'include'}", f"-I{src}",
            str(HERE / "emu_runtime.cpp"), str(HERE / "emu_api.cpp"), *map(str, units),
            "-o", str(lib)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"building the CUDA emulation failed:\n{' '.join(cmd)}\n{res.stderr}")
     return lib
+
+
+def load_aten_path(out_dir: str | os.PathLike):
+    """The cuBLAS product path of csrc/cuda (plain ATen) built for the CPU as a Python
+    module (aten_path.cpp); the emulated CUDA headers stand in for the CUDA toolkit."""
+    from torch.utils import cpp_extension
+    return cpp_extension.load(
+        name="mpncov_aten_path", build_directory=str(out_dir), verbose=False,
+        sources=[str(CUDA_SRC / "aten_products_binding.cpp"), str(HERE / "aten_path.cpp")],
+        extra_include_paths=[str(CUDA_SRC), str(HERE / "include")],
+        extra_cflags=["-O1"])
 
 
 def load(out_dir: str | os.PathLike) -> ctypes.CDLL:
@@ -58,10 +71,12 @@ def load(out_dir: str | os.PathLike) -> ctypes.CDLL:
         "covpool_forward": [ptr, ptr, i64, i64, i64],
         "covpool_backward": [ptr, ptr, ptr, i64, i64, i64],
         "sqrtm_forward": [ptr, ptr, ptr, i64, i64, i64],
-        "sqrtm_backward": [ptr, ptr, ptr, ptr, i64, i64, i64, cint],
+        "sqrtm_backward": [ptr, ptr, ptr, ptr, i64, i64, i64],
         "triuvec_forward": [ptr, ptr, i64, i64],
         "triuvec_backward": [ptr, ptr, i64, i64],
     }
+    lib.emu_launches.argtypes = []
+    lib.emu_launches.restype = ctypes.c_longlong
     for name, args in sig.items():
         for suffix in ("f32", "f64"):
             fn = getattr(lib, f"emu_{name}_{suffix}")

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "covpool_kernel.cuh"
+#include "emu_runtime.h"
 #include "sqrtm_kernel.cuh"
 #include "triuvec_kernel.cuh"
 
@@ -18,32 +19,35 @@ std::vector<T> scratch(int64_t n) {
 
 template <typename T>
 int covpool_forward(const void* x, void* out, int64_t b, int64_t c, int64_t m) {
-  auto w = scratch<T>(mpncov::cuda::covpool_forward_workspace(b, c));
+  auto w = scratch<T>(mpncov::cuda::covpool_forward_workspace(b, c, m));
   return mpncov::cuda::covpool_forward<T>(static_cast<const T*>(x), static_cast<T*>(out),
                                           w.data(), b, c, m, nullptr);
 }
 
 template <typename T>
 int covpool_backward(const void* g, const void* x, void* dx, int64_t b, int64_t c, int64_t m) {
-  auto w = scratch<T>(mpncov::cuda::covpool_backward_workspace(b, c));
+  auto w = scratch<T>(mpncov::cuda::covpool_backward_workspace(b, c, m));
   return mpncov::cuda::covpool_backward<T>(static_cast<const T*>(g), static_cast<const T*>(x),
                                            static_cast<T*>(dx), w.data(), b, c, m, nullptr);
 }
 
 template <typename T>
 int sqrtm_forward(const void* s, void* out, void* saved, int64_t b, int64_t n, int64_t iters) {
-  auto w = scratch<T>(mpncov::cuda::sqrtm_forward_workspace(b, n, iters));
+  // An invalid iters must be refused by the launcher, not size the scratch.
+  auto w = scratch<T>(mpncov::cuda::sqrtm_iters_valid(iters)
+                          ? mpncov::cuda::sqrtm_forward_workspace(b, n, iters) : 1);
   return mpncov::cuda::sqrtm_forward<T>(static_cast<const T*>(s), static_cast<T*>(out),
                                         static_cast<T*>(saved), w.data(), b, n, iters, nullptr);
 }
 
 template <typename T>
 int sqrtm_backward(const void* g, const void* s, const void* saved, void* ds, int64_t b,
-                   int64_t n, int64_t iters, int symmetric) {
-  auto w = scratch<T>(mpncov::cuda::sqrtm_backward_workspace(b, n, iters));
+                   int64_t n, int64_t iters) {
+  auto w = scratch<T>(mpncov::cuda::sqrtm_iters_valid(iters)
+                          ? mpncov::cuda::sqrtm_backward_workspace(b, n, iters) : 1);
   return mpncov::cuda::sqrtm_backward<T>(static_cast<const T*>(g), static_cast<const T*>(s),
                                          static_cast<const T*>(saved), static_cast<T*>(ds),
-                                         w.data(), b, n, iters, symmetric != 0, nullptr);
+                                         w.data(), b, n, iters, nullptr);
 }
 
 template <typename T>
@@ -77,9 +81,12 @@ MPNCOV_EMU_EXPORT_BOTH(sqrtm_forward,
                        (s, out, saved, b, n, it))
 MPNCOV_EMU_EXPORT_BOTH(sqrtm_backward,
                        (const void* g, const void* s, const void* saved, void* ds, int64_t b,
-                        int64_t n, int64_t it, int sym),
-                       (g, s, saved, ds, b, n, it, sym))
+                        int64_t n, int64_t it),
+                       (g, s, saved, ds, b, n, it))
 MPNCOV_EMU_EXPORT_BOTH(triuvec_forward, (const void* s, void* v, int64_t b, int64_t n),
                        (s, v, b, n))
 MPNCOV_EMU_EXPORT_BOTH(triuvec_backward, (const void* g, void* out, int64_t b, int64_t n),
                        (g, out, b, n))
+
+// Kernel launches made so far by the emulated launchers.
+extern "C" long long emu_launches() { return ::emu::launches; }

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -13,6 +14,7 @@ namespace emu {
 
 dim3 thread_idx, block_idx, block_dim, grid_dim;
 cudaError_t last_error = cudaSuccess;
+long long launches = 0;
 
 namespace {
 
@@ -39,6 +41,16 @@ std::vector<int> warp_arrived;
 std::vector<unsigned long long> warp_generation;
 std::vector<unsigned char> warp_buffer;
 
+// Deferred cp.async copies per thread: (group, dst, src, bytes); group -1 = not committed.
+struct AsyncCopy {
+  long long group;
+  void* dst;
+  const void* src;
+  int bytes;
+};
+std::vector<std::vector<AsyncCopy>> async_copies;
+std::vector<long long> async_groups;  // groups committed so far, per thread
+
 void yield() { swapcontext(&fibers[current].ctx, &scheduler); }
 
 void fiber_main() {
@@ -59,6 +71,38 @@ void wait_at(int& arrived, unsigned long long& generation, int members) {
 }
 
 }  // namespace
+
+void misaligned_access(const void* p, const char* file, int line) {
+  std::fprintf(stderr, "emu: misaligned 16-byte access to %p at %s:%d (faults on a GPU)\n", p,
+               file, line);
+  std::abort();
+}
+
+void cp_async(void* dst, const void* src, int bytes) {
+  const int t = linear_thread();
+  async_copies[t].push_back({-1, dst, src, bytes});
+  std::memset(dst, 0xff, bytes);  // NaN until the wait that covers it
+}
+
+void cp_async_commit() {
+  const int t = linear_thread();
+  for (AsyncCopy& c : async_copies[t])
+    if (c.group < 0) c.group = async_groups[t];
+  ++async_groups[t];
+}
+
+void cp_async_wait(int pending_groups_allowed) {
+  const int t = linear_thread();
+  const long long done_below = async_groups[t] - pending_groups_allowed;
+  std::vector<AsyncCopy> rest;
+  for (const AsyncCopy& c : async_copies[t]) {
+    if (c.group >= 0 && c.group < done_below)
+      std::memcpy(c.dst, c.src, c.bytes);
+    else
+      rest.push_back(c);
+  }
+  async_copies[t].swap(rest);
+}
 
 int linear_thread() {
   return static_cast<int>(thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z));
@@ -81,6 +125,8 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& fn) {
   warp_arrived.assign(nwarps, 0);
   warp_generation.assign(nwarps, 0);
   warp_buffer.assign(static_cast<size_t>(nwarps) * 32 * 16, 0);
+  async_copies.assign(nthreads, {});
+  async_groups.assign(nthreads, 0);
   body = &fn;
   grid_dim = grid;
   block_dim = block;
@@ -100,6 +146,10 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& fn) {
           f.ctx.uc_link = &scheduler;
           makecontext(&f.ctx, fiber_main, 0);
         }
+        for (int i = 0; i < nthreads; ++i) {
+          async_copies[i].clear();
+          async_groups[i] = 0;
+        }
         int remaining = nthreads;
         while (remaining > 0) {
           const unsigned long long before = events;
@@ -109,6 +159,14 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& fn) {
             thread_idx = fibers[i].tid;
             swapcontext(&scheduler, &fibers[i].ctx);
             if (fibers[i].done) --remaining;
+          }
+          if (remaining == 0) {
+            for (int i = 0; i < nthreads; ++i)
+              if (!async_copies[i].empty()) {
+                std::fprintf(stderr, "emu: thread %d of block (%u,%u,%u) ended with %zu cp.async "
+                             "copies never waited for\n", i, bx, by, bz, async_copies[i].size());
+                std::abort();
+              }
           }
           if (remaining > 0 && events == before) {
             std::fprintf(stderr,

@@ -6,7 +6,7 @@
 //
 // Model: the blocks of a grid run one after another; the threads of a block are
 // cooperative fibers (ucontext) that run round-robin, each until it reaches a barrier
-// (__syncthreads, or the warp barrier inside __shfl_down_sync) or returns. __shared__
+// (__syncthreads, or the warp barrier inside __shfl_down_sync / __shfl_sync) or returns. __shared__
 // becomes `static`, one object shared by all fibers of the running block. A barrier that
 // can never complete (some threads returned or wait elsewhere) aborts with a message, as
 // it would hang (or be undefined) on a GPU.
@@ -24,6 +24,10 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define MPNCOV_EMULATION 1
+
+// Vector accesses of the kernels (csrc/cuda/batched_gemm.cuh) must be 16-byte aligned.
+#define MPNCOV_ASSERT_ALIGNED16(p) ::emu::check_aligned16(p, __FILE__, __LINE__)
 
 struct dim3 {
   unsigned int x, y, z;
@@ -38,6 +42,8 @@ struct alignas(16) float4 {
 struct alignas(16) double2 {
   double x, y;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline double2 make_double2(double x, double y) { return double2{x, y}; }
 
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 struct CUstream_st;
@@ -45,8 +51,14 @@ using cudaStream_t = CUstream_st*;
 
 namespace emu {
 
+void misaligned_access(const void* p, const char* file, int line);  // aborts
+inline void check_aligned16(const void* p, const char* file, int line) {
+  if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) misaligned_access(p, file, line);
+}
+
 extern dim3 thread_idx, block_idx, block_dim, grid_dim;
 extern cudaError_t last_error;
+extern long long launches;  // kernel launches so far (tests count them per op)
 
 // Barrier of all threads of the running block.
 void sync_block();
@@ -55,6 +67,12 @@ void sync_warp();
 // 32 slots of 16 bytes for the calling thread's warp (shuffle exchange).
 unsigned char* warp_slots();
 int linear_thread();
+
+// cp.async of the calling thread: the copy is deferred to the cp_async_wait that covers
+// its group, and dst holds NaN bytes until then (see csrc/cuda/async_copy.cuh).
+void cp_async(void* dst, const void* src, int bytes);
+void cp_async_commit();
+void cp_async_wait(int pending_groups_allowed);
 
 // Runs body() once per thread of every block of the grid.
 void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
@@ -68,6 +86,7 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, Kernel* ke
     last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  ++launches;
   run_grid(grid, block, [&] { kernel(args...); });
 }
 
@@ -84,6 +103,20 @@ T shfl_down(T v, unsigned int offset) {
   return r;
 }
 
+// Value of v in lane src_lane of the calling thread's warp.
+template <typename T>
+T shfl_idx(T v, int src_lane) {
+  static_assert(sizeof(T) <= 16, "shuffle of a type wider than 16 bytes");
+  const int lane = linear_thread() & 31;
+  unsigned char* slots = warp_slots();
+  std::memcpy(slots + 16 * lane, &v, sizeof(T));
+  sync_warp();
+  T r;
+  std::memcpy(&r, slots + 16 * (src_lane & 31), sizeof(T));
+  sync_warp();
+  return r;
+}
+
 }  // namespace emu
 
 #define threadIdx (::emu::thread_idx)
@@ -96,6 +129,11 @@ inline void __syncthreads() { ::emu::sync_block(); }
 template <typename T>
 T __shfl_down_sync(unsigned int /*mask: all lanes take part here*/, T v, unsigned int offset) {
   return ::emu::shfl_down(v, offset);
+}
+
+template <typename T>
+T __shfl_sync(unsigned int /*mask: all lanes take part here*/, T v, int src_lane) {
+  return ::emu::shfl_idx(v, src_lane);
 }
 
 inline cudaError_t cudaGetLastError() {

@@ -1,0 +1,126 @@
+// The cuBLAS product path of the CUDA ops: the same recurrences as csrc/cuda/*_kernel.cu
+// with every matrix product a batched matmul of ATen (cuBLAS), chosen at run time with
+// MPNCOV_CUDA_PRODUCTS=cublas (see ops_binding.cpp), so that one GPU run can compare it
+// with the hand-written kernels. cuBLAS uses TF32 only where torch allows it
+// (torch.backends.cuda.matmul.allow_tf32 / torch.set_float32_matmul_precision); the
+// default stays fp32-exact.
+//
+// Products the kernels mirror (compute the upper triangle and copy it) are mirrored here
+// too after a full product, so both paths compute the same function, exactly symmetric
+// where the kernels' results are. Inputs are contiguous tensors of the compute dtype.
+#include "aten_products.h"
+
+#include <ATen/ATen.h>
+
+#include "sqrtm_kernel.cuh"
+
+namespace mpncov {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+
+// The upper triangle of p (diagonal included) copied to the lower: exactly symmetric.
+Tensor mirror_upper(const Tensor& p) { return p.triu() + p.triu(1).transpose(1, 2); }
+
+// 0.5 (m + m^T), and m itself where m_ij == m_ji (as the kernels' sym_value).
+Tensor symmetric_part(const Tensor& m) {
+  const Tensor mt = m.transpose(1, 2);
+  return at::where(m == mt, m, 0.5 * (m + mt));
+}
+
+Tensor eye_like(const Tensor& s) {
+  return at::eye(s.size(1), s.options()).expand_as(s);
+}
+
+// a1 P1 Q1 (+ a2 P2 Q2) (+ gamma I), mirrored when `upper`.
+Tensor product(const Tensor& p1, const Tensor& q1, double a1, const Tensor& p2, const Tensor& q2,
+               double a2, double gamma, bool upper) {
+  Tensor r = at::bmm(p1, q1).mul_(a1);
+  if (p2.defined()) r.baddbmm_(p2, q2, /*beta=*/1, /*alpha=*/a2);
+  if (gamma != 0) r.diagonal(0, 1, 2).add_(gamma);
+  return upper ? mirror_upper(r) : r;
+}
+Tensor product(const Tensor& p1, const Tensor& q1, double a1, double gamma, bool upper) {
+  return product(p1, q1, a1, Tensor(), Tensor(), 0, gamma, upper);
+}
+
+// t = tr(S) per sample as (B, 1, 1), and t with 0 replaced by 1.
+std::pair<Tensor, Tensor> traces(const Tensor& s) {
+  const Tensor t = s.diagonal(0, 1, 2).sum(-1).view({-1, 1, 1});
+  return {t, at::where(t == 0, at::ones_like(t), t)};
+}
+
+}  // namespace
+
+Tensor covpool_aten(const Tensor& x) {
+  const Tensor xc = x - x.mean(-1, /*keepdim=*/true);
+  return mirror_upper(at::bmm(xc, xc.transpose(1, 2)).div_(static_cast<double>(x.size(2))));
+}
+
+Tensor covpool_backward_aten(const Tensor& grad, const Tensor& x) {
+  const Tensor xc = x - x.mean(-1, /*keepdim=*/true);
+  return at::bmm(grad + grad.transpose(1, 2), xc).div_(static_cast<double>(x.size(2)));
+}
+
+std::tuple<Tensor, Tensor> sqrtm_aten(const Tensor& s, int64_t iters) {
+  const int64_t N = iters;
+  const bool mirror_tz = sqrtm_mirrors_tz(iters);
+  const auto [t, tt] = traces(s);
+  const Tensor a = symmetric_part(s) / tt;
+  const Tensor t0 = (eye_like(s) * 3 - a) * 0.5;
+  std::vector<Tensor> y, z, tk;  // Y_1.., Z_1.., T_1..
+  Tensor y_last = product(a, t0, 1, 0, true);
+  if (N >= 2) {
+    y.push_back(y_last);
+    z.push_back(t0);
+    for (int64_t k = 1; k <= N - 1; ++k) {
+      tk.push_back(product(z.back(), y.back(), -0.5, 1.5, mirror_tz));
+      Tensor y_next = product(y.back(), tk.back(), 1, 0, true);
+      if (k < N - 1) {
+        z.push_back(product(tk.back(), z.back(), 1, 0, mirror_tz));
+        y.push_back(y_next);
+      } else {
+        y_last = y_next;
+      }
+    }
+  }
+  std::vector<Tensor> slots;
+  slots.insert(slots.end(), y.begin(), y.end());
+  slots.insert(slots.end(), z.begin(), z.end());
+  slots.insert(slots.end(), tk.begin(), tk.end());
+  slots.push_back(y_last);
+  return {at::sqrt(tt) * y_last, at::stack(slots, 1)};
+}
+
+Tensor sqrtm_backward_aten(const Tensor& grad, const Tensor& s, const Tensor& saved,
+                           int64_t iters) {
+  const int64_t N = iters;
+  const bool mirror_tz = sqrtm_mirrors_tz(iters);
+  auto Y = [&](int64_t k) { return saved.select(1, k - 1); };
+  auto Z = [&](int64_t k) { return saved.select(1, N - 1 + k - 1); };
+  auto Tm = [&](int64_t k) { return saved.select(1, 2 * (N - 1) + k - 1); };
+  const Tensor y_final = saved.select(1, 3 * (N - 1));
+  const auto [t, tt] = traces(s);
+  const Tensor a = symmetric_part(s) / tt;
+  const Tensor e = at::sqrt(tt) * symmetric_part(grad);
+  // Forward-mode along E (see sqrtm_kernel.cu): dY1 = 1.5 E - 0.5 (E A + A E), ...
+  Tensor dy = product(e, a, -0.5, a, e, -0.5, 0, true).add_(e, 1.5);
+  Tensor dz = e * -0.5;
+  for (int64_t k = 1; k <= N - 1; ++k) {
+    const Tensor dt = product(dz, Y(k), -0.5, Z(k), dy, -0.5, 0, mirror_tz);
+    Tensor dy_next = product(dy, Tm(k), 1, Y(k), dt, 1, 0, true);
+    if (k < N - 1) dz = product(dt, Z(k), 1, Tm(k), dz, 1, 0, mirror_tz);
+    dy = dy_next;
+  }
+  // dS = dA / t (0 where t = 0) + (<G, Y> / (2 sqrt t) - <dA / t, A>) I where t != 0.
+  const Tensor zero = at::zeros_like(dy);
+  Tensor ds = at::where(t == 0, zero, dy / t);
+  const Tensor diag = (grad * y_final).sum({1, 2}, /*keepdim=*/true) / (2 * at::sqrt(t)) -
+                      (ds * a).sum({1, 2}, /*keepdim=*/true);
+  ds.diagonal(0, 1, 2).add_(at::where(t == 0, at::zeros_like(diag), diag).view({-1, 1}));
+  return ds;
+}
+
+}  // namespace cuda
+}  // namespace mpncov
