@@ -13,9 +13,11 @@
 #include "limits.h"
 
 TORCH_LIBRARY(mpncov, m) {
-  // x: (B, C, M) -> S: (B, C, C), S = (1/M) Xc Xc^T with Xc = X - mean over M.
+  // x: (B, C, M) -> S: (B, C, C), S = (1/M) Xc Xc^T with Xc = X - mean over M. Features
+  // that come as tokens (B, M, C) are passed as x = tokens.transpose(1, 2): the CPU kernels
+  // read that layout as it is (csrc/cpu/features.h).
   m.def("covpool(Tensor x) -> Tensor");
-  // dX = (1/M) (G + G^T) Xc
+  // dX = (1/M) (G + G^T) Xc; on the CPU in x's layout when x is token-major, else contiguous.
   m.def("covpool_backward(Tensor grad, Tensor x) -> Tensor");
   // iSQRT of the symmetric part (S + S^T)/2 of s with `iters` (1..kMaxIters) coupled
   // Newton-Schulz steps. Returns (out, saved): saved holds the iterates the backward needs,
@@ -33,6 +35,16 @@ TORCH_LIBRARY(mpncov, m) {
   // only vec is returned in x's dtype.
   m.def("isqrt_cov(Tensor x, int iters) -> (Tensor, Tensor, Tensor)");
   m.def("isqrt_cov_backward(Tensor grad, Tensor x, Tensor cov, Tensor saved, int iters) -> Tensor");
+  // The same function computed in the M x M Gram space (SPEC section 8; cheaper when the
+  // positions M are fewer than the channels C): Newton-Schulz on G = Xc^T Xc / (M t) and
+  // two products back. Returns (vec, saved): saved (B, 3*(iters-1)+1, M, M) in the compute
+  // dtype holds [G, Y_1..Y_{N-1}, Z_2..Z_{N-1}, T_1..T_{N-1}, Z_N] of that recurrence; with
+  // recompute_t (B, 2*iters-1, M, M) without the T_k, which the backward computes again.
+  // CPU only so far; float16/bfloat16 x is computed in float32 (float32 in float64 beyond
+  // kMaxMirroredIters iterations, like sqrtm), only vec is returned in x's dtype.
+  m.def("isqrt_cov_gram(Tensor x, int iters, bool recompute_t=False) -> (Tensor, Tensor)");
+  // dX in x's dtype, laid out like covpool_backward's.
+  m.def("isqrt_cov_gram_backward(Tensor grad, Tensor x, Tensor saved, int iters) -> Tensor");
 }
 
 namespace {

@@ -5,8 +5,10 @@ kernels), and every backward op is differentiable again, so derivatives of any o
 exact and never silently zero:
 
 * ``covpool_backward`` and ``triuvec_backward`` have closed-form derivatives (below);
-* ``sqrtm_backward`` and ``isqrt_cov_backward`` are differentiated through the plain-torch
-  forms of ``mpncov._differentiable`` (only run when a second derivative is asked for).
+* ``sqrtm_backward``, ``isqrt_cov_backward`` and ``isqrt_cov_gram_backward`` are
+  differentiated through the plain-torch forms of ``mpncov._differentiable`` (only run
+  when a second derivative is asked for); the Gram-space pipeline computes the same
+  function as the covariance-space one, so both use the same form.
 
 The public functions (``mpncov.ops``) go through the ``torch.autograd.Function`` classes
 here, which define ``setup_context`` and ``generate_vmap_rule`` so that ``torch.func``
@@ -215,6 +217,48 @@ class IsqrtCovBackward(Function):
         return (*isqrt_cov_backward_backward(grad, x, ctx.iters, grad_dx), None, None, None)
 
 
+class IsqrtCovGram(Function):
+    """isqrt_cov_gram(x, iters, recompute_t) -> (vec, saved), the pipeline in the Gram
+    space; only vec is differentiable."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, iters, recompute_t):
+        return OPS.isqrt_cov_gram(x, iters, recompute_t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.iters = inputs[1]
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(inputs[0], output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _grad_saved):
+        if grad is None:
+            return None, None, None
+        x, saved = ctx.saved_tensors
+        return IsqrtCovGramBackward.apply(grad, x, saved, ctx.iters), None, None
+
+
+class IsqrtCovGramBackward(Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, x, saved, iters):
+        return OPS.isqrt_cov_gram_backward(grad, x, saved, iters)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.iters = inputs[3]
+        ctx.save_for_backward(inputs[0], inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad_dx):
+        grad, x = ctx.saved_tensors
+        return (*isqrt_cov_backward_backward(grad, x, ctx.iters, grad_dx), None, None)
+
+
 # ------------------------------------------- the same formulas for the raw ops
 # (tensors through ctx.save_for_backward: a tensor output kept as a ctx attribute would
 # make a reference cycle and keep sqrtm's saved iterates alive until garbage collection)
@@ -279,3 +323,17 @@ _register("isqrt_cov_backward",
           lambda ctx, u: (*isqrt_cov_backward_backward(*ctx.saved_tensors, ctx.iters, u),
                           None, None, None),
           _save(0, 1, iters=4))
+
+
+def _isqrt_cov_gram_bwd(ctx, grad, _grad_saved):
+    if grad is None:
+        return None, None, None
+    x, saved = ctx.saved_tensors
+    return IsqrtCovGramBackward.apply(grad, x, saved, ctx.iters), None, None
+
+
+_register("isqrt_cov_gram", _isqrt_cov_gram_bwd, _save(0, outputs=(1,), iters=1))
+_register("isqrt_cov_gram_backward",
+          lambda ctx, u: (*isqrt_cov_backward_backward(*ctx.saved_tensors, ctx.iters, u),
+                          None, None),
+          _save(0, 1, iters=3))

@@ -21,9 +21,20 @@ def sqrtm_compute_dtype(dtype: torch.dtype, iters: int) -> torch.dtype:
 
 
 def saved_count(iters: int) -> int:
-    """Matrices per sample in sqrtm's saved iterates:
-    [Y_1..Y_{N-1}, Z_1..Z_{N-1}, T_1..T_{N-1}, Y_N]."""
+    """Matrices per sample in the saved iterates: sqrtm's (C x C)
+    [Y_1..Y_{N-1}, Z_1..Z_{N-1}, T_1..T_{N-1}, Y_N], and isqrt_cov_gram's (M x M)
+    [G, Y_1..Y_{N-1}, Z_2..Z_{N-1}, T_1..T_{N-1}, Z_N]."""
     return 3 * (iters - 1) + 1
+
+
+def features_like(x):
+    """A tensor like the gradient the kernels return for features x (B, C, M): on the CPU
+    in x's layout when x is token-major (a transposed view of a contiguous (B, M, C)
+    tensor, not itself contiguous), otherwise contiguous (csrc/cpu/features.h)."""
+    if x.device.type == "cpu" and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+        b, c, m = x.shape
+        return x.new_empty((b, m, c)).transpose(1, 2)
+    return x.new_empty(x.shape)
 
 
 def _check_iters(iters, op):
@@ -40,7 +51,7 @@ def _covpool_fake(x):
 
 @torch.library.register_fake("mpncov::covpool_backward")
 def _covpool_backward_fake(grad, x):
-    return x.new_empty(x.shape)
+    return features_like(x)
 
 
 @torch.library.register_fake("mpncov::sqrtm")
@@ -80,4 +91,25 @@ def _isqrt_cov_fake(x, iters):
 @torch.library.register_fake("mpncov::isqrt_cov_backward")
 def _isqrt_cov_backward_fake(grad, x, cov, saved, iters):
     _check_iters(iters, "isqrt_cov_backward")
-    return x.new_empty(x.shape)
+    return features_like(x)
+
+
+def gram_saved_count(iters: int, recompute_t: bool) -> int:
+    """Matrices per sample in isqrt_cov_gram's saved iterates: 3N-2 with the T_k, 2N-1
+    without (recompute_t)."""
+    return 2 * iters - 1 if recompute_t else saved_count(iters)
+
+
+@torch.library.register_fake("mpncov::isqrt_cov_gram")
+def _isqrt_cov_gram_fake(x, iters, recompute_t=False):
+    _check_iters(iters, "isqrt_cov_gram")
+    b, c, m = x.shape
+    saved = x.new_empty((b, gram_saved_count(iters, recompute_t), m, m),
+                        dtype=sqrtm_compute_dtype(x.dtype, iters))
+    return x.new_empty((b, c * (c + 1) // 2)), saved
+
+
+@torch.library.register_fake("mpncov::isqrt_cov_gram_backward")
+def _isqrt_cov_gram_backward_fake(grad, x, saved, iters):
+    _check_iters(iters, "isqrt_cov_gram_backward")
+    return features_like(x)

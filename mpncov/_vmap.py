@@ -38,5 +38,6 @@ def _folded(name):
 
 
 for _name in ("covpool", "covpool_backward", "sqrtm", "sqrtm_backward", "triuvec",
-              "triuvec_backward", "isqrt_cov", "isqrt_cov_backward"):
+              "triuvec_backward", "isqrt_cov", "isqrt_cov_backward", "isqrt_cov_gram",
+              "isqrt_cov_gram_backward"):
     torch.library.register_vmap("mpncov::" + _name, _folded(_name))

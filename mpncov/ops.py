@@ -21,6 +21,12 @@ Semantics are those of SPEC sections 1-3 (``docs/SPEC.md`` in the shared docs):
 * ``sqrtm``: iSQRT, N coupled Newton-Schulz steps on A = sym(S) / tr(S), then multiplied
   by sqrt(tr(S)); deliberately not the exact square root for small N.
 * ``triuvec``: row-major upper triangle with the diagonal, (B, C(C+1)/2).
+* ``isqrt_cov``: the three in a row, in the C x C covariance space or the M x M Gram space
+  (SPEC section 8; ``mpncov._space`` picks the cheaper one).
+
+Features come channels first, (B, C, H, W) or (B, C, M), or as tokens, (B, N, C) or
+(B, H, W, C), with ``channel_dim=-1``; tokens are passed to the kernels as a transposed
+view, which the CPU kernels read as it is (no transposed copy).
 """
 from __future__ import annotations
 
@@ -29,11 +35,11 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import _autograd, _meta, _vmap  # noqa: F401  (kernels, fake kernels, autograd, vmap)
+from . import _autograd, _meta, _space, _vmap  # noqa: F401  (kernels, fakes, autograd, vmap)
 from ._meta import MAX_ITERS
 
 __all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "release_cpu_buffers", "cpu_buffer_bytes",
-           "OPS", "MAX_ITERS"]
+           "OPS", "CPU_ONLY_OPS", "MAX_ITERS"]
 
 #: The registered operator names (forward and backward).
 OPS = (
@@ -41,7 +47,12 @@ OPS = (
     "sqrtm", "sqrtm_backward",
     "triuvec", "triuvec_backward",
     "isqrt_cov", "isqrt_cov_backward",
+    "isqrt_cov_gram", "isqrt_cov_gram_backward",
 )
+
+#: Operators with CPU kernels only so far: the Gram-space pipeline (``space="auto"`` runs the
+#: covariance space on other devices).
+CPU_ONLY_OPS = ("isqrt_cov_gram", "isqrt_cov_gram_backward")
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -64,13 +75,24 @@ def _check_iters(iters, name: str) -> int:
     return int(iters)
 
 
-def _as_bcm(x: Tensor, name: str) -> Tensor:
+def _as_bcm(x: Tensor, name: str, channel_dim=1) -> Tensor:
+    """x as (B, C, M) features: channels first (channel_dim=1) as they are, (B, C, H, W)
+    flattened; tokens (channel_dim=-1: (B, N, C), or (B, H, W, C)) as a transposed view,
+    which the kernels read without a copy."""
     _check_tensor(x, name, "x")
-    if x.dim() == 4:
-        return x.flatten(2)
-    if x.dim() != 3:
-        raise ValueError(
-            f"mpncov.{name}: x must be (B, C, H, W) or (B, C, M), got shape {tuple(x.shape)}")
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, numbers.Integral):
+        raise TypeError(f"mpncov.{name}: channel_dim must be an int, got "
+                        f"{type(channel_dim).__name__}")
+    if x.dim() not in (3, 4):
+        layout = "(B, C, H, W) or (B, C, M)" if channel_dim == 1 else "(B, N, C) or (B, H, W, C)"
+        raise ValueError(f"mpncov.{name}: x must be {layout}, got shape {tuple(x.shape)}")
+    if channel_dim == 1:
+        x = x.flatten(2)
+    elif channel_dim in (-1, x.dim() - 1):
+        x = x.flatten(1, -2).transpose(1, 2)
+    else:
+        raise ValueError(f"mpncov.{name}: channel_dim must be 1 (channels first: (B, C, H, W), "
+                         f"(B, C, M)) or -1 (tokens: (B, N, C), (B, H, W, C)), got {channel_dim}")
     if x.shape[2] < 1:
         raise ValueError(f"mpncov.{name}: x needs at least one position, got shape {tuple(x.shape)}")
     return x
@@ -99,14 +121,18 @@ def _apply(function, name: str, *args):
 
 # ----------------------------------------------------------------------- public API
 
-def covpool(x: Tensor) -> Tensor:
+def covpool(x: Tensor, *, channel_dim: int = 1) -> Tensor:
     """Covariance pooling: (B, C, H, W) or (B, C, M) -> (B, C, C).
 
     ``S = (1/M) Xc Xc^T`` with ``Xc = X - mean over M`` (biased, divides by M). The
     backward is ``dX = (1/M)(G + G^T) Xc``; no M x M centring matrix is ever built.
     Differentiable to any order.
+
+    ``channel_dim=-1`` takes tokens, (B, N, C) (N positions, e.g. vision-transformer
+    tokens) or (B, H, W, C): the covariance is over the C channels, exactly as for
+    (B, C, N). The CPU kernels read that layout as it is, and its gradient comes back in it.
     """
-    return _apply(_autograd.Covpool, "covpool", _as_bcm(x, "covpool"))
+    return _apply(_autograd.Covpool, "covpool", _as_bcm(x, "covpool", channel_dim))
 
 
 def sqrtm(s: Tensor, iters: int = 5) -> Tensor:
@@ -140,18 +166,32 @@ def triuvec(s: Tensor) -> Tensor:
     return _apply(_autograd.Triuvec, "triuvec", s)
 
 
-def isqrt_cov(x: Tensor, iters: int = 5) -> Tensor:
+def isqrt_cov(x: Tensor, iters: int = 5, *, channel_dim: int = 1, space: str = "auto") -> Tensor:
     """The iSQRT-COV pipeline ``triuvec(sqrtm(covpool(x), iters))`` as one call.
 
-    (B, C, H, W) or (B, C, M) -> (B, C(C+1)/2). Same values as the three ops in a row
+    (B, C, H, W) or (B, C, M) -> (B, C(C+1)/2); with ``channel_dim=-1`` tokens (B, N, C)
+    or (B, H, W, C), as in :func:`covpool`. Same values as the three ops in a row
     (float16 and bfloat16 input is computed in float32 throughout and only the result is
     cast back); its backward only computes the symmetric part of the square root's input
     gradient (all covpool's backward sees), which lets every product of the backward
     recurrence compute half of its output. Differentiable to any order (gradient
     penalties). Constant features give a zero result and zero gradients.
+
+    ``space`` says where the Newton-Schulz recurrence runs; both give the same function
+    (SPEC section 8): ``"cov"`` on the C x C covariance, ``"gram"`` on the M x M Gram
+    matrix ``Xc^T Xc`` (M = positions), mapped back with two products, and ``"auto"``
+    (default) the one with fewer product-times by the cost model of ``mpncov._space``
+    (usually the Gram space when M is clearly below C), among the spaces with a kernel on
+    x's device (the Gram space has CPU kernels only so far). The backward keeps 3N-2
+    matrices of C x C per sample in the covariance space and 3N-2 of M x M in the Gram
+    space, 2N-1 where recomputing the other N-1 costs little (C much larger than M).
     """
     iters = _check_iters(iters, "isqrt_cov")
-    return _apply(_autograd.IsqrtCov, "isqrt_cov", _as_bcm(x, "isqrt_cov"), iters)[0]
+    x = _as_bcm(x, "isqrt_cov", channel_dim)
+    if _space.resolve(space, x, iters, "isqrt_cov") == "gram":
+        recompute_t = _space.recompute_t(x.shape[1], x.shape[2], iters)
+        return _apply(_autograd.IsqrtCovGram, "isqrt_cov", x, iters, recompute_t)[0]
+    return _apply(_autograd.IsqrtCov, "isqrt_cov", x, iters)[0]
 
 
 def release_cpu_buffers() -> None:

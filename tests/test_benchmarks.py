@@ -372,3 +372,35 @@ def test_profile_kernels_bad_shape(capsys):
     with pytest.raises(SystemExit) as e:
         profile_kernels.main(["--device", "cpu", "--shape", "B=2,C=eight"])
     assert e.value.code == 2 and "C='eight'" in capsys.readouterr().err
+
+
+def test_smoke_run_times_both_spaces_side_by_side(tmp_path):
+    fast = [a for a in SMOKE_FAST if a != "--smoke"] + ["--rounds", "1"]
+    rc = cli.main(fast + ["--ops", "pipeline", "--impls", "mpncov,mpncov-cov,mpncov-gram,published",
+                          "--out", str(tmp_path), "--shapes", "B=2,C=64,M=16,N=3", "--no-plots"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    by_impl = {r["impl"]: r for r in rows}
+    assert set(by_impl) == {"mpncov", "mpncov-cov", "mpncov-gram", "published"}
+    assert by_impl["mpncov"]["space"] == mpncov._space.choose(64, 16, 3) == "gram"
+    assert by_impl["mpncov-cov"]["space"] == "cov" and by_impl["mpncov-gram"]["space"] == "gram"
+    assert by_impl["published"]["space"] is None
+    for name in ("mpncov-cov", "mpncov-gram"):
+        assert by_impl[name]["rel_diff_vs_mpncov"] < 1e-5 and by_impl[name]["saved_mb"] > 0
+    assert set(by_impl["mpncov"]["speedup_fwdbwd"]) == {"mpncov-cov", "mpncov-gram", "published"}
+    with open(tmp_path / "results.csv") as f:
+        csv_rows = {r["impl"]: r for r in csv.DictReader(f)}
+    assert csv_rows["mpncov"]["space"] == "gram"
+    assert float(csv_rows["mpncov"]["speedup_fwdbwd_vs_mpncov-cov"]) > 0
+    # the forced spaces are pipeline-only implementations
+    assert baselines.get_impl("mpncov-gram").ops == ("pipeline",)
+
+
+def test_space_model_tool_measures_and_fits(capsys):
+    from mpncov.benchmarks import spaces
+    assert spaces.main(["--shapes", "C=12,M=4,N=3;C=6,M=9,N=1", "--reps", "1", "--batch", "2",
+                        "--fit"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("cov/gram measured") == 2 and "fitted BLAS_CALL" in out
+    rows = [{"C": 12, "M": 4, "N": 3, "cov": 2.0, "gram": 1.0}]
+    assert spaces.log_error(rows, blas_call=0, elementwise=0) >= 0

@@ -36,6 +36,11 @@ void check_square(const at::Tensor& t, const char* op, const char* arg) {
                     " must be a batch of square matrices (B, C, C), got shape ", t.sizes());
 }
 
+void check_iters(int64_t iters, const char* op) {
+  TORCH_CHECK_VALUE(iters >= 1 && iters <= kMaxIters, "mpncov.", op,
+                    ": iters must be between 1 and ", kMaxIters, ", got ", iters);
+}
+
 at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
 #ifdef __linux__

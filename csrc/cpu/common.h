@@ -50,6 +50,9 @@ void check_input(const at::Tensor& t, const char* op, const char* arg, int64_t n
 // A (B, n, n) tensor.
 void check_square(const at::Tensor& t, const char* op, const char* arg);
 
+// iters in 1..kMaxIters.
+void check_iters(int64_t iters, const char* op);
+
 // fn(b, scratch) for every sample b in [0, B), threads over the batch. Each sample runs
 // start to finish on one thread, so its matrices stay in that core's cache between the
 // steps, and there is no barrier between steps. `scratch` is a per-thread buffer of

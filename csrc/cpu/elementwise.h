@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "transpose.h"
 
@@ -45,6 +46,13 @@ template <typename T>
 void scale_into(T* out, const T* x, T alpha, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = alpha * x[i];
+}
+
+// out = (t == 0 ? 0 : NaN) for a sample whose trace t is not positive (or is NaN): a zero
+// matrix gives zero results, an indefinite or NaN one NaN, like sqrt(t).
+template <typename T>
+void fill_degenerate(T* out, double t, int64_t n) {
+  std::fill(out, out + n, t == 0 ? T(0) : std::numeric_limits<T>::quiet_NaN());
 }
 
 // out = x / d, the division in double: d may be a tiny trace whose reciprocal overflows

@@ -38,8 +38,17 @@ void mirror_block_upper(const MatrixView<T>& m, int64_t step) {
 
 template <typename T>
 void matrix_product(const MatrixView<T>& out, std::initializer_list<Term<T>> terms, T beta,
-                    bool symmetric) {
+                    bool symmetric, bool mirror) {
   const int64_t n = out.rows, m = out.cols;
+  if (!symmetric && m > 1 && out.col_stride != 1) {
+    // Dense columns: out^T = sum_i alpha_i b_i^T a_i^T has dense rows.
+    T b = beta;
+    for (const Term<T>& t : terms) {
+      blas_gemm<T>(t.b.transposed(), t.a.transposed(), out.transposed(), t.alpha, b);
+      b = T(1);
+    }
+    return;
+  }
   TORCH_INTERNAL_ASSERT(!symmetric || (n == m && out.col_stride == 1),
                         "matrix_product: a symmetric result must be square with dense rows");
   const int64_t step = symmetric ? symmetric_block_size(n) : std::max<int64_t>(n, 1);
@@ -54,12 +63,12 @@ void matrix_product(const MatrixView<T>& out, std::initializer_list<Term<T>> ter
       b = T(1);
     }
   }
-  if (symmetric && step < n) mirror_block_upper(out, step);
+  if (symmetric && mirror && step < n) mirror_block_upper(out, step);
 }
 
 template void matrix_product<float>(const MatrixView<float>&, std::initializer_list<Term<float>>,
-                                    float, bool);
+                                    float, bool, bool);
 template void matrix_product<double>(const MatrixView<double>&,
-                                     std::initializer_list<Term<double>>, double, bool);
+                                     std::initializer_list<Term<double>>, double, bool, bool);
 
 }  // namespace mpncov

@@ -21,11 +21,15 @@ struct Term {
 };
 
 // out = beta * out + sum_i alpha_i a_i @ b_i. beta == 0 ignores the old content of out.
+// out's rows or its columns must be dense (a result with dense columns is computed as its
+// transpose, sum_i alpha_i b_i^T a_i^T).
 // symmetric: the caller guarantees the result is symmetric (out square, rows dense), so
-// only the block upper triangle is computed and then mirrored.
+// only the block upper triangle is computed and then mirrored; with mirror = false the
+// entries left of the diagonal blocks are not written (a caller that reads only the upper
+// triangle).
 template <typename T>
 void matrix_product(const MatrixView<T>& out, std::initializer_list<Term<T>> terms, T beta,
-                    bool symmetric);
+                    bool symmetric, bool mirror = true);
 
 // out += shift * I for a square matrix with dense rows.
 template <typename T>

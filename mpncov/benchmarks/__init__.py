@@ -4,7 +4,8 @@
 * :mod:`.config` - ops, shape grids, the quick/full/smoke sets, dtypes, timing presets.
 * :mod:`.baselines` - the implementations compared: "published" (the structure of
   fast-MPN-COV's MPNCOV.py, gradient bug fixed), "autograd" (plain torch ops), "eigh"
-  (exact root by eigendecomposition), "mpncov" (this package).
+  (exact root by eigendecomposition), "mpncov" (this package; its pipeline picks the
+  C x C or the M x M Gram space), "mpncov-cov" / "mpncov-gram" (its pipeline in one space).
 * :mod:`.sweep` - the op sweep: fwd / bwd / fwd+bwd of every configuration and
   implementation, implementations taking turns over --rounds, speed-ups.
 * :mod:`.timing`, :mod:`.memory`, :mod:`.flops` - how times, memory and effective
@@ -15,6 +16,8 @@
 * :mod:`.env` - the machine / build description stored with the results.
 * :mod:`.profile_kernels` - per-kernel time of one training step (``python -m
   mpncov.benchmarks.profile_kernels``).
+* :mod:`.spaces` - the cost model that picks the pipeline's space against measured times
+  of both spaces (``python -m mpncov.benchmarks.spaces [--fit]``).
 
 The committed results are data in the repository's ``benchmarks/results/``.
 """

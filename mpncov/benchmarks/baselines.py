@@ -21,7 +21,11 @@ Implementations (get them with `get_impl(name)`):
 * "eigh": the exact square root by eigendecomposition (MPN-COV style), autograd through
   torch.linalg.eigh. `iters` is ignored. Gradients are NaN/inf-prone when eigenvalues
   repeat (rank-deficient covariance, e.g. M < C): benchmark it on full-rank inputs.
-* "mpncov": the package itself.
+* "mpncov": the package itself; its pipeline picks the space by its cost model
+  ("auto", mpncov/_space.py).
+* "mpncov-cov", "mpncov-gram": the package's pipeline forced into the C x C covariance
+  space (the path of every release before the Gram space) or the M x M Gram space, so the
+  spaces and the automatic choice are timed side by side (pipeline only).
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import mpncov
 
 from .config import OPS
 
-__all__ = ["IMPLS", "BASELINES", "MPNCOV", "get_impl"]
+__all__ = ["IMPLS", "BASELINES", "VARIANTS", "COMPARED", "MPNCOV", "get_impl", "pipeline_space"]
 
 
 def _as_bcm(x: torch.Tensor) -> torch.Tensor:
@@ -257,6 +261,15 @@ MPNCOV = types.SimpleNamespace(
     ops=OPS,
 )
 
+# mpncov's pipeline with its space forced (the automatic choice is "mpncov").
+VARIANTS = {
+    f"mpncov-{space}": types.SimpleNamespace(
+        name=f"mpncov-{space}", space=space, ops=("pipeline",),
+        pipeline=lambda x, iters=5, forced=space: mpncov.isqrt_cov(x, iters=int(iters),
+                                                                    space=forced))
+    for space in ("cov", "gram")
+}
+
 # The baselines, in the order of the speed-up columns ("x vs published", ...).
 BASELINES = {
     "published": types.SimpleNamespace(
@@ -271,7 +284,9 @@ BASELINES = {
         pipeline=_eigh_pipeline, ops=("sqrtm", "pipeline")),
 }
 
-IMPLS = ("mpncov", *BASELINES)
+IMPLS = ("mpncov", *VARIANTS, *BASELINES)
+# Everything mpncov's speed-up is reported against, in column order.
+COMPARED = (*VARIANTS, *BASELINES)
 
 
 def get_impl(name: str):
@@ -279,6 +294,16 @@ def get_impl(name: str):
     if name == "mpncov":
         return MPNCOV
     try:
-        return BASELINES[name]
+        return VARIANTS.get(name) or BASELINES[name]
     except KeyError:
         raise ValueError(f"unknown implementation {name!r}; choose from {IMPLS}") from None
+
+
+def pipeline_space(impl_name: str, shape: dict, device) -> str | None:
+    """The space ("cov" or "gram") mpncov's pipeline runs in for `impl_name` at `shape`
+    (C, M, N) on `device`; None for the other implementations."""
+    if impl_name in VARIANTS:
+        return VARIANTS[impl_name].space
+    if impl_name != "mpncov":
+        return None
+    return mpncov._space.auto_space(shape["C"], shape["M"], shape["N"], torch.device(device).type)

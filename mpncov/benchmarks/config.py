@@ -1,9 +1,9 @@
 """What the op benchmark runs: ops, shape grids, the preset sets, dtypes, timing presets.
 
 A configuration is one (op, shape, dtype); every implementation that supports the op
-(:mod:`mpncov.benchmarks.baselines`) is timed on it. A later variant (another input
-space, say) is one more field of :class:`Config` with a default and one more key in
-the rows; the grids below stay as they are.
+(:mod:`mpncov.benchmarks.baselines`) is timed on it. mpncov's pipeline in each of its two
+spaces is an implementation of its own there ("mpncov-cov", "mpncov-gram", next to the
+automatic "mpncov"), so the grids below stay as they are.
 """
 from __future__ import annotations
 

@@ -6,16 +6,16 @@ import csv
 import json
 from pathlib import Path
 
-from .baselines import BASELINES
+from .baselines import COMPARED
 from .flops import SUMMARY as FLOP_MODEL
 
 SCHEMA = 1
-CSV_FIELDS = ("op", "shape", "B", "C", "M", "N", "dtype", "impl", "device",
+CSV_FIELDS = ("op", "shape", "B", "C", "M", "N", "dtype", "impl", "space", "device",
               "fwd_median_ms", "fwd_iqr_ms", "fwd_runs", "bwd_median_ms", "bwd_iqr_ms", "bwd_runs",
               "fwdbwd_median_ms", "fwdbwd_iqr_ms", "fwdbwd_runs", "peak_mb", "saved_mb",
               "flops_fwd", "flops_bwd", "fwd_tflops", "bwd_tflops", "fwdbwd_tflops",
               "peak_tflops", "fwdbwd_frac_peak",
-              *(f"speedup_fwdbwd_vs_{b}" for b in BASELINES),
+              *(f"speedup_fwdbwd_vs_{b}" for b in COMPARED),
               "rel_diff_vs_mpncov", "grad_finite", "error")
 NETWORK_CSV_FIELDS = ("network", "model", "device", "batch", "image_size", "params",
                       "images_per_s", "fwdbwd_median_ms", "fwdbwd_iqr_ms", "error")
@@ -34,7 +34,7 @@ def csv_row(r: dict) -> dict:
             flat[f"{k}_median_ms"] = round(t["median_ms"], 6)
             flat[f"{k}_iqr_ms"] = round(t["iqr_ms"], 6)
             flat[f"{k}_runs"] = t["runs"]
-    for b in BASELINES:
+    for b in COMPARED:
         v = r.get("speedup_fwdbwd", {}).get(b)
         flat[f"speedup_fwdbwd_vs_{b}"] = None if v is None else round(v, 4)
     return _blank_none(flat)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .config import OPS
 
-COLORS = {"published": "tab:red", "autograd": "tab:blue", "eigh": "tab:green", "mpncov": "tab:purple"}
+COLORS = {"published": "tab:red", "autograd": "tab:blue", "eigh": "tab:green",
+          "mpncov": "tab:purple", "mpncov-cov": "tab:olive", "mpncov-gram": "tab:cyan"}
 
 
 def _mpl():

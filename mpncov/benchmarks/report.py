@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .baselines import BASELINES
+from .baselines import COMPARED
 
 
 def error_text(e: Exception, limit: int = 300) -> str:
@@ -22,6 +22,11 @@ def _fmt_mb(v):
     return f"{v:.1f}" if v >= 10 else f"{v:.3g}"
 
 
+def _impl_cell(r: dict) -> str:
+    """The implementation, with the space of mpncov's automatic choice: "mpncov (gram)"."""
+    return f"{r['impl']} ({r['space']})" if r["impl"] == "mpncov" and r.get("space") else r["impl"]
+
+
 def format_table(rows: list, device: torch.device) -> str:
     """Aligned table of op rows, a blank line between configurations; TFLOP/s and %peak
     columns on CUDA; "x vs B" = mpncov's fwd+bwd speed-up over baseline B."""
@@ -30,23 +35,23 @@ def format_table(rows: list, device: torch.device) -> str:
             "saved MB"]
     if gpu:
         head += ["TFLOP/s", "%peak"]
-    head += [f"x vs {b}" for b in BASELINES]
+    head += [f"x vs {b}" for b in COMPARED]
     lines = []
     for r in rows:
         if r.get("error"):
-            cells = [r["op"], r["shape"], r["dtype"], r["impl"], "ERROR", r["error"][:60]]
+            cells = [r["op"], r["shape"], r["dtype"], _impl_cell(r), "ERROR", r["error"][:60]]
             cells += [""] * (len(head) - len(cells))
             lines.append(cells)
             continue
         fb = r["fwdbwd"]
-        cells = [r["op"], r["shape"], r["dtype"], r["impl"], _fmt_t(r["fwd"]), _fmt_t(r["bwd"]),
+        cells = [r["op"], r["shape"], r["dtype"], _impl_cell(r), _fmt_t(r["fwd"]), _fmt_t(r["bwd"]),
                  f"{_fmt_t(fb)} ({fb['iqr_ms']:.2g})", _fmt_mb(r["peak_mb"]), _fmt_mb(r["saved_mb"])]
         if gpu:
             tf = r.get("fwdbwd_tflops")
             fr = r.get("fwdbwd_frac_peak")
             cells += ["-" if tf is None else f"{tf:.2f}", "-" if fr is None else f"{100 * fr:.1f}"]
         sp = r.get("speedup_fwdbwd", {})
-        cells += [f"{sp[b]:.2f}x" if b in sp else "" for b in BASELINES]
+        cells += [f"{sp[b]:.2f}x" if b in sp else "" for b in COMPARED]
         lines.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *lines)] if lines else [len(h) for h in head]
     sep = "  "

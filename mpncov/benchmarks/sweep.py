@@ -9,6 +9,8 @@ What is measured for each:
 * fwd+bwd: `torch.autograd.grad(f(x), x, g)`.
 * memory: one extra, untimed fwd+bwd call (:mod:`.memory`); its output is also compared
   with mpncov's (rel_diff_vs_mpncov) and its gradient checked for finiteness.
+* space: for mpncov's pipeline rows, the space its recurrence ran in ("cov" C x C, "gram"
+  M x M): chosen by the cost model for "mpncov", forced for "mpncov-cov"/"mpncov-gram".
 * effective TFLOP/s (:mod:`.flops`).
 
 Timings (:mod:`.timing`) run in --rounds rounds in which the implementations of one
@@ -26,6 +28,7 @@ import traceback
 import torch
 
 from .. import _progress
+from .baselines import pipeline_space
 from .config import DTYPES, Config, shape_str
 from .flops import add_flop_rates
 from .memory import measure_memory
@@ -59,8 +62,10 @@ def op_fn(impl, op: str, s: dict):
 
 def _row_head(cfg: Config, impl_name: str, device: torch.device) -> dict:
     op, s, dtype_tag = cfg
+    space = pipeline_space(impl_name, s, device) if op == "pipeline" else None
     return {"op": op, "shape": shape_str(op, s), **{k: s.get(k) for k in "BCMN"},
-            "dtype": dtype_tag, "impl": impl_name, "device": device.type, "error": None}
+            "dtype": dtype_tag, "impl": impl_name, "space": space, "device": device.type,
+            "error": None}
 
 
 def bench_one(impl, cfg: Config, x, gout_cache: dict, ref_out, args, device):

@@ -14,7 +14,8 @@ from torch import nn
 
 import mpncov as _ops  # attributes are read at call time only
 
-__all__ = ["CovPool", "Sqrtm", "Triuvec", "MPNCOV", "triu_col_order_index", "triu_row_to_col"]
+__all__ = ["CovPool", "Sqrtm", "Triuvec", "MPNCOV", "TokenBatchNorm", "triu_col_order_index",
+           "triu_row_to_col"]
 
 
 def _int_setting(value, owner: str, name: str, low: int = 1, high: int | None = None) -> int:
@@ -33,11 +34,35 @@ def _iters_setting(value, owner: str, name: str) -> int:
     return _int_setting(value, owner, name, 1, MAX_ITERS)
 
 
-class CovPool(nn.Module):
-    """(B,C,H,W) or (B,C,M) -> (B,C,C) biased covariance, centred over the M positions."""
+def _channel_dim_setting(value, owner: str) -> int:
+    """1 (channels first) or -1 (tokens / channels last), else a ValueError."""
+    if isinstance(value, bool) or value not in (1, -1):
+        raise ValueError(f"{owner}: channel_dim must be 1 (channels first) or -1 (tokens), "
+                         f"got {value!r}")
+    return int(value)
+
+
+class TokenBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the last (channel) dim of (B, ..., C) tokens: per channel over the
+    batch and all positions, the statistics BatchNorm2d takes over (B, C, H, W)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ops.covpool(x)
+        return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+class CovPool(nn.Module):
+    """(B,C,H,W) or (B,C,M) -> (B,C,C) biased covariance, centred over the M positions;
+    with ``channel_dim=-1`` tokens (B,N,C) or (B,H,W,C)."""
+
+    def __init__(self, channel_dim: int = 1):
+        super().__init__()
+        self.channel_dim = _channel_dim_setting(channel_dim, "CovPool")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ops.covpool(x, channel_dim=self.channel_dim)
+
+    def extra_repr(self) -> str:
+        return "" if self.channel_dim == 1 else f"channel_dim={self.channel_dim}"
 
 
 class Sqrtm(nn.Module):
@@ -87,12 +112,17 @@ class MPNCOV(nn.Module):
     ``is_vec``. Output: (B, d(d+1)/2) when ``is_vec`` else the (B, d, d) matrix flattened
     to (B, d*d); ``output_dim`` holds that size. Argument names follow the published
     module so configurations carry over; ``is_sqrt and is_vec`` uses the fused
-    :func:`mpncov.isqrt_cov` operator.
+    :func:`mpncov.isqrt_cov` operator, in the space ``space`` ("auto", "cov" or "gram",
+    see :func:`mpncov.isqrt_cov`).
+
+    ``channel_dim=-1`` takes tokens, (B, N, input_dim) (e.g. a vision transformer's) or
+    (B, H, W, input_dim), instead of (B, input_dim, H, W); the reduction is then a Linear
+    layer (no bias) + :class:`TokenBatchNorm` + ReLU, the same map as the 1x1 conv + BN.
     """
 
     def __init__(self, iterNum: int = 3, is_sqrt: bool = True, is_vec: bool = True,
                  input_dim: int = 2048, dimension_reduction: int | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, channel_dim: int = 1, space: str = "auto"):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.iterNum = _iters_setting(iterNum, "MPNCOV", "iterNum")
@@ -101,12 +131,19 @@ class MPNCOV(nn.Module):
         self.input_dim = _int_setting(input_dim, "MPNCOV", "input_dim")
         self.dr = (None if dimension_reduction is None else
                    _int_setting(dimension_reduction, "MPNCOV", "dimension_reduction"))
+        self.channel_dim = _channel_dim_setting(channel_dim, "MPNCOV")
+        from .._space import SPACES
+        if space not in SPACES:
+            raise ValueError(f"MPNCOV: space must be one of {SPACES}, got {space!r}")
+        self.space = space
         if self.dr is not None:
-            self.conv_dr_block = nn.Sequential(
-                nn.Conv2d(input_dim, self.dr, kernel_size=1, stride=1, bias=False, **dd),
-                nn.BatchNorm2d(self.dr, **dd),
-                nn.ReLU(inplace=True),
-            )
+            if self.channel_dim == 1:
+                reduce = nn.Conv2d(input_dim, self.dr, kernel_size=1, stride=1, bias=False, **dd)
+                norm = nn.BatchNorm2d(self.dr, **dd)
+            else:
+                reduce = nn.Linear(input_dim, self.dr, bias=False, **dd)
+                norm = TokenBatchNorm(self.dr, **dd)
+            self.conv_dr_block = nn.Sequential(reduce, norm, nn.ReLU(inplace=True))
         d = self.dr if self.dr else input_dim
         self.dim = d
         self.output_dim = d * (d + 1) // 2 if self.is_vec else d * d
@@ -114,21 +151,24 @@ class MPNCOV(nn.Module):
 
     def reset_parameters(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                # fan_out of the 1x1 conv and of the Linear layer are both dimension_reduction
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 3 or x.shape[1] != self.input_dim:
-            raise ValueError(f"MPNCOV: expected (B, input_dim={self.input_dim}, H, W) features, "
+        if x.dim() < 3 or x.shape[self.channel_dim] != self.input_dim:
+            layout = "(B, input_dim={0}, H, W)" if self.channel_dim == 1 else \
+                "(B, N, input_dim={0}) or (B, H, W, input_dim={0})"
+            raise ValueError(f"MPNCOV: expected {layout.format(self.input_dim)} features, "
                              f"got shape {tuple(x.shape)}")
         if self.dr is not None:
             x = self.conv_dr_block(x)
         if self.is_sqrt and self.is_vec:
-            return _ops.isqrt_cov(x, self.iterNum)
-        x = _ops.covpool(x)
+            return _ops.isqrt_cov(x, self.iterNum, channel_dim=self.channel_dim, space=self.space)
+        x = _ops.covpool(x, channel_dim=self.channel_dim)
         if self.is_sqrt:
             x = _ops.sqrtm(x, self.iterNum)
         if self.is_vec:
@@ -136,5 +176,7 @@ class MPNCOV(nn.Module):
         return x.flatten(1)
 
     def extra_repr(self) -> str:
+        extra = "" if self.channel_dim == 1 else f", channel_dim={self.channel_dim}"
+        extra += "" if self.space == "auto" else f", space={self.space!r}"
         return (f"iterNum={self.iterNum}, is_sqrt={self.is_sqrt}, is_vec={self.is_vec}, "
-                f"output_dim={self.output_dim}")
+                f"output_dim={self.output_dim}{extra}")
