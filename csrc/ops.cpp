@@ -40,11 +40,16 @@ TORCH_LIBRARY(mpncov, m) {
   // two products back. Returns (vec, saved): saved (B, 3*(iters-1)+1, M, M) in the compute
   // dtype holds [G, Y_1..Y_{N-1}, Z_2..Z_{N-1}, T_1..T_{N-1}, Z_N] of that recurrence; with
   // recompute_t (B, 2*iters-1, M, M) without the T_k, which the backward computes again.
-  // CPU only so far; float16/bfloat16 x is computed in float32 (float32 in float64 beyond
+  // float16/bfloat16 x is computed in float32 (float32 in float64 beyond
   // kMaxMirroredIters iterations, like sqrtm), only vec is returned in x's dtype.
   m.def("isqrt_cov_gram(Tensor x, int iters, bool recompute_t=False) -> (Tensor, Tensor)");
   // dX in x's dtype, laid out like covpool_backward's.
   m.def("isqrt_cov_gram_backward(Tensor grad, Tensor x, Tensor saved, int iters) -> Tensor");
+  // Test-only (not public API): the Gram-space pipeline in batched ATen ops, the CUDA
+  // kernel of the two ops above (csrc/gram_aten.h), on any device, so that the CPU test
+  // suite can compare it with the CPU kernels. Same arguments and results as those ops.
+  m.def("_isqrt_cov_gram_aten(Tensor x, int iters, bool recompute_t=False) -> (Tensor, Tensor)");
+  m.def("_isqrt_cov_gram_aten_backward(Tensor grad, Tensor x, Tensor saved, int iters) -> Tensor");
 }
 
 namespace {

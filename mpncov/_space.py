@@ -32,6 +32,11 @@ predicted ratio of the two times is off by 13 % (rms of the log ratio) instead o
 for the multiply-adds alone, and where the model picks the slower space (10 of the 117,
 all within 18 % of the break-even point) the loss is at most 1.18x; far from it (the
 ResNet-50 head: C = 256, M = 196, N = 5, 1.7x; ViT tokens) the choice is clear.
+
+Having a kernel and being chosen by ``space="auto"`` are separate: the Gram space has CPU
+and CUDA kernels (``space="gram"`` runs on both), but the model above describes CPU times,
+so ``"auto"`` picks by it only on the CPU (:data:`COST_MODEL_DEVICES`) and keeps the
+covariance space on CUDA until GPU times have been measured.
 """
 from __future__ import annotations
 
@@ -111,7 +116,8 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
 
 
 def has_gram_kernel(device_type: str) -> bool:
-    """Whether the Gram-space op has a kernel for tensors on `device_type`."""
+    """Whether the Gram-space op has a kernel for tensors on `device_type` (space="gram"
+    runs there)."""
     key = _DISPATCH_KEYS.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "mpncov::isqrt_cov_gram", key)
@@ -120,11 +126,20 @@ def has_gram_kernel(device_type: str) -> bool:
 # Looked up once: a plain set is what torch.compile traces through without a graph break.
 _GRAM_DEVICES = frozenset(t for t in _DISPATCH_KEYS if has_gram_kernel(t))
 
+#: Devices whose times the cost model was fitted to, where space="auto" may pick the Gram
+#: space. Having a kernel is not enough: the CUDA Gram-space kernel (csrc/gram_aten.cpp,
+#: its products in cuBLAS) and the covariance space's hand-written kernels have other
+#: costs than the CPU's, and until a GPU run has measured where the Gram space pays there,
+#: "auto" keeps the covariance space on CUDA ("gram" still runs the Gram space).
+COST_MODEL_DEVICES = frozenset({"cpu", "meta"})
+
 
 def auto_space(C: int, M: int, N: int, device_type: str) -> str:
-    """space="auto": the cheaper space by :func:`cost` among those with a kernel for
-    `device_type` (the covariance space has kernels everywhere)."""
-    return choose(C, M, N) if device_type in _GRAM_DEVICES else "cov"
+    """space="auto": the cheaper space by :func:`cost` where the model holds (CPU) and the
+    Gram space has a kernel; elsewhere the covariance space (kernels everywhere)."""
+    if device_type in _GRAM_DEVICES and device_type in COST_MODEL_DEVICES:
+        return choose(C, M, N)
+    return "cov"
 
 
 def resolve(space, x: torch.Tensor, iters: int, name: str) -> str:
@@ -133,8 +148,9 @@ def resolve(space, x: torch.Tensor, iters: int, name: str) -> str:
         raise ValueError(f"mpncov.{name}: space must be one of {SPACES}, got {space!r}")
     if space == "gram" and x.device.type not in _GRAM_DEVICES:
         raise NotImplementedError(
-            f"mpncov.{name}: space='gram' has no kernel for {x.device.type} tensors yet "
-            "(CPU only); use space='cov' or space='auto'")
+            f"mpncov.{name}: space='gram' has no kernel for {x.device.type} tensors "
+            f"(it has for: {', '.join(sorted(_GRAM_DEVICES)) or 'none'}); use space='cov' "
+            "or space='auto'")
     if space != "auto":
         return space
     return auto_space(x.shape[1], x.shape[2], iters, x.device.type)

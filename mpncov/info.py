@@ -3,9 +3,8 @@
 Prints the versions of Python, torch, CUDA and the compiler torch was built with, whether
 the CUDA kernels of mpncov are built and for which archs, and which mpncov operators are
 registered with kernels for which backends. ``--check-cuda`` then exits non-zero unless the
-build has its CUDA kernels and every operator (``mpncov.ops.OPS``, except the CPU-only
-``mpncov.ops.CPU_ONLY_OPS``) has a CUDA kernel registered (needs no GPU: registration
-happens when the extension loads).
+build has its CUDA kernels and every operator (``mpncov.ops.OPS``) has a CUDA kernel
+registered (needs no GPU: registration happens when the extension loads).
 """
 from __future__ import annotations
 
@@ -92,16 +91,12 @@ def missing_cuda_kernels() -> list:
 
     An operator runs on CUDA through its own CUDA kernel or through a composite kernel
     (CompositeExplicitAutograd: isqrt_cov calls the other operators), which fills the CUDA
-    slot of the dispatch table; the other operators are checked for their own kernels,
-    except those with CPU kernels only so far (``mpncov.ops.CPU_ONLY_OPS``).
+    slot of the dispatch table; the other operators are checked for their own kernels.
     """
-    import mpncov.ops as ops
     problems = []
     if not build_config().get("WITH_CUDA"):
         problems.append("the build has no CUDA kernels (build config WITH_CUDA is not True)")
     for name, keys in registered_ops().items():
-        if name in ops.CPU_ONLY_OPS:
-            continue
         if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"mpncov::{name}", "CUDA"):
             problems.append(f"mpncov::{name} has no kernel for CUDA (has: {', '.join(keys) or 'none'})")
     return problems
@@ -110,8 +105,7 @@ def missing_cuda_kernels() -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mpncov.info", description=__doc__.splitlines()[0])
     parser.add_argument("--check-cuda", action="store_true",
-                        help="exit 1 unless every operator (but the CPU-only ones) has a CUDA "
-                             "kernel registered")
+                        help="exit 1 unless every operator has a CUDA kernel registered")
     args = parser.parse_args(argv)
     print(report())
     if args.check_cuda:
@@ -120,9 +114,7 @@ def main(argv=None) -> int:
             print(f"CUDA check FAILED: {problem}")
         if problems:
             return 1
-        import mpncov.ops as ops
-        print(f"CUDA check passed: all {len(registered_ops()) - len(ops.CPU_ONLY_OPS)} "
-              f"operators have a kernel for CUDA (CPU only so far: {', '.join(ops.CPU_ONLY_OPS)})")
+        print(f"CUDA check passed: all {len(registered_ops())} operators have a kernel for CUDA")
     return 0
 
 

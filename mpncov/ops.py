@@ -26,7 +26,8 @@ Semantics are those of SPEC sections 1-3 (``docs/SPEC.md`` in the shared docs):
 
 Features come channels first, (B, C, H, W) or (B, C, M), or as tokens, (B, N, C) or
 (B, H, W, C), with ``channel_dim=-1``; tokens are passed to the kernels as a transposed
-view, which the CPU kernels read as it is (no transposed copy).
+view, which the CPU kernels and the CUDA Gram-space kernel read as it is (no transposed
+copy).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from . import _autograd, _meta, _space, _vmap  # noqa: F401  (kernels, fakes, au
 from ._meta import MAX_ITERS
 
 __all__ = ["covpool", "sqrtm", "triuvec", "isqrt_cov", "release_cpu_buffers", "cpu_buffer_bytes",
-           "OPS", "CPU_ONLY_OPS", "MAX_ITERS"]
+           "OPS", "MAX_ITERS"]
 
 #: The registered operator names (forward and backward).
 OPS = (
@@ -49,10 +50,6 @@ OPS = (
     "isqrt_cov", "isqrt_cov_backward",
     "isqrt_cov_gram", "isqrt_cov_gram_backward",
 )
-
-#: Operators with CPU kernels only so far: the Gram-space pipeline (``space="auto"`` runs the
-#: covariance space on other devices).
-CPU_ONLY_OPS = ("isqrt_cov_gram", "isqrt_cov_gram_backward")
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -180,9 +177,10 @@ def isqrt_cov(x: Tensor, iters: int = 5, *, channel_dim: int = 1, space: str = "
     ``space`` says where the Newton-Schulz recurrence runs; both give the same function
     (SPEC section 8): ``"cov"`` on the C x C covariance, ``"gram"`` on the M x M Gram
     matrix ``Xc^T Xc`` (M = positions), mapped back with two products, and ``"auto"``
-    (default) the one with fewer product-times by the cost model of ``mpncov._space``
-    (usually the Gram space when M is clearly below C), among the spaces with a kernel on
-    x's device (the Gram space has CPU kernels only so far). The backward keeps 3N-2
+    (default) on the CPU the one with fewer product-times by the cost model of
+    ``mpncov._space`` (usually the Gram space when M is clearly below C); that model was
+    fitted to CPU times, so on CUDA (where both spaces have kernels) ``"auto"`` runs the
+    covariance space until GPU times say where the Gram space pays. The backward keeps 3N-2
     matrices of C x C per sample in the covariance space and 3N-2 of M x M in the Gram
     space, 2N-1 where recomputing the other N-1 costs little (C much larger than M).
     """

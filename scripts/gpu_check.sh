@@ -7,11 +7,15 @@
 #   build.log        pip install -e . with CUDA (MAX_JOBS = cores, CUDA_HOME set)
 #   smoke.log        scripts/gpu_smoke.py under CUDA_LAUNCH_BLOCKING=1 (odd sizes, zero
 #                    trace, storage offset 1, channels_last, expanded gradient, B > 65535,
-#                    long mode, CUDA graph replay = eager; kernels and cuBLAS products)
+#                    long mode, CUDA graph replay = eager, the Gram space on tokens;
+#                    kernels and cuBLAS products)
 #   sanitizer.log    compute-sanitizer memcheck, racecheck, synccheck on small shapes
 #   pytest-cuda.log  tests/test_cuda.py
 #   bench.log        the quick CUDA benchmark (fp32), four variants: all implementations with
-#                    mpncov's own kernels (sqrtm on chip where C <= 128); mpncov with sqrtm
+#                    mpncov's own kernels (sqrtm on chip where C <= 128), among them the
+#                    pipeline forced into each space (mpncov-cov, mpncov-gram: the Gram
+#                    space's products in cuBLAS), which says where "auto" should pick the
+#                    Gram space on CUDA (it keeps "cov" there so far); mpncov with sqrtm
 #                    tiled (MPNCOV_CUDA_SQRTM=tiled); mpncov with cuBLAS products; TF32
 #                    allowed (mpncov's kernels with TF32 tensor-core products, plain
 #                    autograd with TF32 cuBLAS)
@@ -176,7 +180,9 @@ if [[ $DRY_RUN == 1 ]]; then
 else
   # fp32 rows only (mpncov computes in float32 under autocast anyway): ~32 configurations.
   BENCH_BUDGET=110
-  bench kernels MPNCOV_CUDA_PRODUCTS=kernels -- --device cuda --quick --rounds 1 --dtypes fp32
+  # (every implementation, mpncov-cov and mpncov-gram included)
+  bench kernels MPNCOV_CUDA_PRODUCTS=kernels -- --device cuda --quick --rounds 1 --dtypes fp32 \
+    --impls mpncov,mpncov-cov,mpncov-gram,published,autograd,eigh
   BENCH_BUDGET=30
   bench tiled MPNCOV_CUDA_PRODUCTS=kernels MPNCOV_CUDA_SQRTM=tiled -- --device cuda --quick \
     --rounds 1 --dtypes fp32 --impls mpncov --ops sqrtm,pipeline
@@ -184,7 +190,7 @@ else
   bench cublas MPNCOV_CUDA_PRODUCTS=cublas -- --device cuda --quick --rounds 1 --dtypes fp32 \
     --impls mpncov --ops sqrtm,pipeline
   bench tf32 MPNCOV_CUDA_PRODUCTS=kernels MPNCOV_TF32=1 -- --device cuda \
-    --quick --rounds 1 --dtypes fp32 --impls mpncov,autograd --ops sqrtm,pipeline
+    --quick --rounds 1 --dtypes fp32 --impls mpncov,mpncov-gram,autograd --ops sqrtm,pipeline
 fi
 "$PYTHON" - "$TMP" "$LOG_DIR/bench.json" <<'PY' >>"$LOG_DIR/bench.log" 2>&1
 import glob, json, os, sys

@@ -9,7 +9,7 @@ CUDA op): odd sizes, a zero-trace sample among normal ones, a storage offset of 
 (more samples than gridDim.y), long mode (iters > 8), a CUDA graph replay equal to eager,
 sqrtm on chip against the tiled path (MPNCOV_CUDA_SQRTM), the kernels' TF32 and 3xTF32
 products (MPNCOV_CUDA_TF32), and both product paths
-(MPNCOV_CUDA_PRODUCTS = kernels, cublas). With the default MPNCOV_CUDA_SQRTM=auto every
+(MPNCOV_CUDA_PRODUCTS = kernels, cublas), and the Gram space on tokens. With the default MPNCOV_CUDA_SQRTM=auto every
 case with C <= 128 and iters <= 8 runs sqrtm on chip. Prints one line per case and exits
 non-zero if any failed.
 
@@ -208,9 +208,38 @@ def case_tf32(dev, quick):
     return "errors out/grad: " + "; ".join(notes)
 
 
+def case_gram_space(dev, quick):
+    """The pipeline in the Gram space (space="gram"; on CUDA batched ATen ops with cuBLAS
+    products, whatever MPNCOV_CUDA_PRODUCTS says) against the CPU's Gram space in float64,
+    as tokens (channel_dim=-1, read without a copy) and with a zero-trace sample."""
+    shapes = [(3, 37, 13, 5), (2, 9, 20, 1)] + ([] if quick else [(2, 256, 196, 5), (2, 64, 49, 12)])
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32-exact cuBLAS for the tolerances
+    try:
+        for b, c, m, n in shapes:
+            tokens = torch.randn(b, m, c, generator=gen(c + m), dtype=F64)
+            tokens[-1] = 1.5  # constant features: zero output and gradient
+            g = torch.randn(b, c * (c + 1) // 2, generator=gen(m), dtype=F64)
+            ref_out, ref_dx = gram(tokens, g, n)
+            for dtype, tol in ((torch.float32, 5e-4), (F64, 1e-10)):
+                out, dx = gram(tokens.to(dev, dtype), g.to(dev, dtype), n)
+                check_close(out, ref_out, tol, f"gram out C={c} M={m} iters={n} {dtype}")
+                check_close(dx, ref_dx, tol * 10, f"gram grad C={c} M={m} iters={n} {dtype}")
+                assert not out[-1].any() and not dx[-1].any(), "zero-trace sample not zero"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def gram(tokens, g, iters):
+    tokens = tokens.detach().requires_grad_()
+    out = mpncov.isqrt_cov(tokens, iters=iters, channel_dim=-1, space="gram")
+    (dx,) = torch.autograd.grad(out, tokens, g)
+    return out.detach(), dx
+
+
 CASES = [case_odd_sizes, case_zero_trace, case_storage_offset, case_channels_last,
          case_expanded_grad, case_large_batch, case_long_mode, case_graph_replay,
-         case_sqrtm_paths, case_tf32]
+         case_sqrtm_paths, case_tf32, case_gram_space]
 
 
 def main() -> int:

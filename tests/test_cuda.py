@@ -15,7 +15,8 @@ import reference  # noqa: E402
 
 DEV = "cuda"
 F64 = torch.float64
-OPS = ["covpool", "covpool_backward", "sqrtm", "sqrtm_backward", "triuvec", "triuvec_backward"]
+OPS = ["covpool", "covpool_backward", "sqrtm", "sqrtm_backward", "triuvec", "triuvec_backward",
+       "isqrt_cov_gram", "isqrt_cov_gram_backward"]
 
 # (C, M) and (C, iters) combinations: every C, M and iters value of the brief appears.
 C_VALUES = [1, 3, 17, 64, 127, 128, 129, 256, 300]
@@ -612,3 +613,136 @@ def test_tf32_env_value_checked(monkeypatch):
     monkeypatch.setenv("MPNCOV_CUDA_TF32", "maybe")
     with pytest.raises(ValueError, match="MPNCOV_CUDA_TF32 must be 'auto', 'off', 'on' or '3x'"):
         mpncov.covpool(torch.randn(2, 3, 4, device=DEV))
+
+
+# ---- the Gram-space pipeline (csrc/gram_aten.cpp: batched ATen ops, products in cuBLAS) ----
+
+def _gram_fp32_exact():
+    """cuBLAS products in fp32 (no TF32) for comparisons with float32 tolerances."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return prev
+
+
+def _space_step(x, g, iters, space, channel_dim=1):
+    inp = x.detach().clone().requires_grad_()
+    out = mpncov.isqrt_cov(inp, iters, space=space, channel_dim=channel_dim)
+    (dx,) = torch.autograd.grad(out, inp, g)
+    return out.detach(), dx
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("iters", [1, 3, 5, 8, 12])
+@pytest.mark.parametrize("c,m", [(64, 16), (256, 196), (17, 30), (9, 9), (1, 5), (130, 50)])
+def test_gram_matches_cov_and_cpu_on_cuda(c, m, iters, dtype):
+    x = features(3, c, m, seed=c + m).to(dtype)
+    g = torch.randn(3, c * (c + 1) // 2, generator=gen(40), dtype=F64).to(dtype)
+    prev = _gram_fp32_exact()
+    try:
+        out_g, dx_g = _space_step(x.to(DEV), g.to(DEV), iters, "gram")
+        out_c, dx_c = _space_step(x.to(DEV), g.to(DEV), iters, "cov")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    out_cpu, dx_cpu = _space_step(x, g, iters, "gram")
+    assert_rel(out_g, out_c, TOL[dtype], "gram vs cov forward")
+    assert_rel(dx_g, dx_c, GRAD_TOL[dtype], "gram vs cov backward")
+    assert_rel(out_g, out_cpu, TOL[dtype], "gram CUDA vs CPU forward")
+    assert_rel(dx_g, dx_cpu, GRAD_TOL[dtype], "gram CUDA vs CPU backward")
+
+
+@pytest.mark.parametrize("recompute_t", [False, True])
+@pytest.mark.parametrize("iters", [1, 5, 12])
+def test_gram_raw_ops_match_cpu_in_float64(iters, recompute_t):
+    x = features(2, 40, 17, seed=41)
+    g = torch.randn(2, 820, generator=gen(42), dtype=F64)
+    vec, saved = torch.ops.mpncov.isqrt_cov_gram(x, iters, recompute_t)
+    dx = torch.ops.mpncov.isqrt_cov_gram_backward(g, x, saved, iters)
+    vec_d, saved_d = torch.ops.mpncov.isqrt_cov_gram(x.to(DEV), iters, recompute_t)
+    dx_d = torch.ops.mpncov.isqrt_cov_gram_backward(g.to(DEV), x.to(DEV), saved_d, iters)
+    assert saved_d.shape == saved.shape and saved_d.dtype == saved.dtype
+    assert_rel(vec_d, vec, 1e-12, "forward")
+    assert_rel(saved_d, saved, 1e-12, "saved")
+    assert_rel(dx_d, dx, 1e-11, "backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gram_tokens_on_cuda(dtype):
+    tokens = torch.randn(3, 50, 96, generator=gen(43), dtype=F64).to(DEV, dtype)  # (B, N, C)
+    g = torch.randn(3, 96 * 97 // 2, generator=gen(44), dtype=F64).to(DEV, dtype)
+    prev = _gram_fp32_exact()
+    try:
+        out_t, dx_t = _space_step(tokens, g, 5, "gram", channel_dim=-1)
+        out_f, dx_f = _space_step(tokens.transpose(1, 2).contiguous(), g, 5, "gram")
+        out_c, _ = _space_step(tokens, g, 5, "cov", channel_dim=-1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert dx_t.is_contiguous()  # the gradient of the (B, N, C) tokens, in their layout
+    # the op itself returns dX in the token layout (no copy of the features either way)
+    x = tokens.transpose(1, 2)
+    vec, saved = torch.ops.mpncov.isqrt_cov_gram(x, 5)
+    dx = torch.ops.mpncov.isqrt_cov_gram_backward(g, x, saved, 5)
+    assert dx.transpose(1, 2).is_contiguous()
+    assert_rel(out_t, out_f, TOL[dtype], "tokens vs channels first forward")
+    assert_rel(dx_t, dx_f.transpose(1, 2), GRAD_TOL[dtype], "tokens vs channels first backward")
+    assert_rel(out_t, out_c, TOL[dtype], "gram vs cov on tokens")
+
+
+@pytest.mark.parametrize("iters", [1, 5, 12])
+def test_gram_degenerate_samples_on_cuda(iters):
+    x = features(4, 9, 5, seed=45)
+    x[1] = 3.0                  # constant features: zero output, zero gradient
+    x[2, 4, 2] = float("nan")   # NaN: NaN output and gradient for that sample only
+    g = torch.randn(4, 45, generator=gen(46), dtype=F64)
+    out, dx = _space_step(x.to(DEV), g.to(DEV), iters, "gram")
+    assert not out[1].any() and not dx[1].any()
+    assert torch.isnan(out[2]).all() and torch.isnan(dx[2]).all()
+    keep = [0, 3]
+    out_cpu, dx_cpu = _space_step(x[keep], g[keep], iters, "gram")
+    assert_rel(out[keep], out_cpu, 1e-12, "live samples forward")
+    assert_rel(dx[keep], dx_cpu, 1e-11, "live samples backward")
+    tiny = (features(2, 12, 5, seed=47) * 1e-20).float().to(DEV)  # float32 trace ~1e-40
+    out, dx = _space_step(tiny, torch.randn(2, 78, device=DEV), 5, "gram")
+    assert torch.isfinite(out).all() and torch.isfinite(dx).all() and out.abs().max() > 0
+
+
+def test_gram_does_not_synchronise_with_the_host():
+    x = torch.randn(4, 64, 16, device=DEV)
+    g = torch.randn(4, 64 * 65 // 2, device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        vec, saved = torch.ops.mpncov.isqrt_cov_gram(x, 5)
+        torch.ops.mpncov.isqrt_cov_gram_backward(g, x, saved, 5)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 5])
+def test_gradcheck_gram_on_cuda(iters):
+    x = torch.randn(2, 6, 4, device=DEV, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: mpncov.isqrt_cov(t, iters, space="gram"), (x,))
+    tokens = torch.randn(2, 4, 6, device=DEV, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda t: mpncov.isqrt_cov(t, iters, space="gram", channel_dim=-1), (tokens,))
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_opcheck_gram_ops_on_cuda(tokens):
+    x = torch.randn(2, 5, 7, device=DEV)
+    if tokens:
+        x = torch.randn(2, 7, 5, device=DEV).transpose(1, 2)
+    _, saved = torch.ops.mpncov.isqrt_cov_gram(x, 3)
+    g = torch.randn(2, 15, device=DEV)
+    torch.library.opcheck(torch.ops.mpncov.isqrt_cov_gram.default, (x.requires_grad_(), 3))
+    torch.library.opcheck(torch.ops.mpncov.isqrt_cov_gram_backward.default,
+                          (g, x.detach(), saved, 3))
+
+
+def test_auto_keeps_the_covariance_space_on_cuda():
+    # the cost model describes CPU times; CUDA has the kernel but auto does not pick it yet
+    assert mpncov._space.has_gram_kernel("cuda")
+    x = torch.randn(2, 256, 49, device=DEV, requires_grad=True)
+    assert mpncov._space.resolve("auto", x, 5, "isqrt_cov") == "cov"
+    assert mpncov._space.resolve("gram", x, 5, "isqrt_cov") == "gram"
+    node = type(mpncov.isqrt_cov(x, 5, space="gram").grad_fn).__name__
+    assert node == "IsqrtCovGramBackward"

@@ -266,21 +266,29 @@ def test_results_do_not_depend_on_threads():
         torch.set_num_threads(threads)
 
 
+# Both implementations of the raw ops check their arguments: the CPU kernels and the batched
+# ATen one (the CUDA kernel; on CPU tensors through its test-only ops, tests/test_gram_aten.py).
+_RAW_OPS = {"cpu": (torch.ops.mpncov.isqrt_cov_gram, torch.ops.mpncov.isqrt_cov_gram_backward),
+            "aten": (torch.ops.mpncov._isqrt_cov_gram_aten,
+                     torch.ops.mpncov._isqrt_cov_gram_aten_backward)}
+
+
+@pytest.mark.parametrize("impl", sorted(_RAW_OPS))
 @pytest.mark.parametrize("call, words", [
-    (lambda: torch.ops.mpncov.isqrt_cov_gram(torch.zeros(2, 3), 3), "[2, 3]"),
-    (lambda: torch.ops.mpncov.isqrt_cov_gram(torch.zeros(2, 3, 0), 3), "[2, 3, 0]"),
-    (lambda: torch.ops.mpncov.isqrt_cov_gram(torch.zeros(2, 3, 4, dtype=torch.int32), 3), "Int"),
-    (lambda: torch.ops.mpncov.isqrt_cov_gram(torch.zeros(2, 3, 4), 0), "got 0"),
-    (lambda: torch.ops.mpncov.isqrt_cov_gram_backward(torch.zeros(2, 5), torch.zeros(2, 3, 4),
-                                                      torch.zeros(2, 7, 4, 4), 3), "[2, 5]"),
-    (lambda: torch.ops.mpncov.isqrt_cov_gram_backward(torch.zeros(2, 6), torch.zeros(2, 3, 4),
-                                                      torch.zeros(2, 7, 3, 3), 3), "[2, 7, 3, 3]"),
-    (lambda: torch.ops.mpncov.isqrt_cov_gram_backward(torch.zeros(2, 6), torch.zeros(2, 3, 4),
-                                                      torch.zeros(2, 1, 4, 4), 101), "got 101"),
+    (lambda fwd, bwd: fwd(torch.zeros(2, 3), 3), "[2, 3]"),
+    (lambda fwd, bwd: fwd(torch.zeros(2, 3, 0), 3), "[2, 3, 0]"),
+    (lambda fwd, bwd: fwd(torch.zeros(2, 3, 4, dtype=torch.int32), 3), "Int"),
+    (lambda fwd, bwd: fwd(torch.zeros(2, 3, 4), 0), "got 0"),
+    (lambda fwd, bwd: bwd(torch.zeros(2, 5), torch.zeros(2, 3, 4), torch.zeros(2, 7, 4, 4), 3),
+     "[2, 5]"),
+    (lambda fwd, bwd: bwd(torch.zeros(2, 6), torch.zeros(2, 3, 4), torch.zeros(2, 7, 3, 3), 3),
+     "[2, 7, 3, 3]"),
+    (lambda fwd, bwd: bwd(torch.zeros(2, 6), torch.zeros(2, 3, 4), torch.zeros(2, 1, 4, 4), 101),
+     "got 101"),
 ])
-def test_raw_gram_ops_reject_bad_input(call, words):
+def test_raw_gram_ops_reject_bad_input(call, words, impl):
     with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
-        call()
+        call(*_RAW_OPS[impl])
     assert words in str(info.value)
 
 
@@ -318,11 +326,20 @@ def test_auto_runs_the_chosen_space():
 def test_auto_only_picks_the_gram_space_where_it_has_a_kernel(monkeypatch):
     x = _x((2, 64, 16))
     assert _space.resolve("auto", x, 5, "isqrt_cov") == "gram"
-    monkeypatch.setattr(_space, "_GRAM_DEVICES", frozenset())  # e.g. CUDA tensors today
+    monkeypatch.setattr(_space, "_GRAM_DEVICES", frozenset())  # a device without the kernel
     assert _space.resolve("auto", x, 5, "isqrt_cov") == "cov"
     with pytest.raises(NotImplementedError, match="space='gram' has no kernel for cpu"):
         mpncov.isqrt_cov(x, 5, space="gram")
     assert _space.has_gram_kernel("cpu")
+
+
+def test_auto_picks_by_the_cost_model_only_where_it_was_fitted(monkeypatch):
+    # CUDA has a Gram-space kernel, but the model describes CPU times: auto keeps "cov"
+    monkeypatch.setattr(_space, "_GRAM_DEVICES", frozenset({"cpu", "cuda"}))
+    assert _space.choose(256, 49, 5) == "gram"
+    assert _space.auto_space(256, 49, 5, "cpu") == "gram"
+    assert _space.auto_space(256, 49, 5, "cuda") == "cov"
+    assert "cuda" not in _space.COST_MODEL_DEVICES
 
 
 def test_compile_traces_the_space_choice():

@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 
+#include "../batched_products.h"
 #include "sqrtm_kernel.cuh"
 
 namespace mpncov {
@@ -19,9 +20,8 @@ namespace cuda {
 namespace {
 
 using at::Tensor;
-
-// The upper triangle of p (diagonal included) copied to the lower: exactly symmetric.
-Tensor mirror_upper(const Tensor& p) { return p.triu() + p.triu(1).transpose(1, 2); }
+using batched::mirror_upper;
+using batched::product;
 
 // 0.5 (m + m^T), and m itself where m_ij == m_ji (as the kernels' sym_value).
 Tensor symmetric_part(const Tensor& m) {
@@ -31,18 +31,6 @@ Tensor symmetric_part(const Tensor& m) {
 
 Tensor eye_like(const Tensor& s) {
   return at::eye(s.size(1), s.options()).expand_as(s);
-}
-
-// a1 P1 Q1 (+ a2 P2 Q2) (+ gamma I), mirrored when `upper`.
-Tensor product(const Tensor& p1, const Tensor& q1, double a1, const Tensor& p2, const Tensor& q2,
-               double a2, double gamma, bool upper) {
-  Tensor r = at::bmm(p1, q1).mul_(a1);
-  if (p2.defined()) r.baddbmm_(p2, q2, /*beta=*/1, /*alpha=*/a2);
-  if (gamma != 0) r.diagonal(0, 1, 2).add_(gamma);
-  return upper ? mirror_upper(r) : r;
-}
-Tensor product(const Tensor& p1, const Tensor& q1, double a1, double gamma, bool upper) {
-  return product(p1, q1, a1, Tensor(), Tensor(), 0, gamma, upper);
 }
 
 // t = tr(S) per sample as (B, 1, 1), and t with 0 replaced by 1.

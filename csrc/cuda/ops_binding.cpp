@@ -22,6 +22,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "../gram_aten.h"
 #include "../limits.h"
 #include "aten_products.h"
 #include "covpool_kernel.cuh"
@@ -344,6 +345,29 @@ Tensor triuvec_backward_cuda(const Tensor& grad, c10::SymInt n_sym) {
   return out.to(grad.scalar_type());
 }
 
+// ---- isqrt_cov_gram -----------------------------------------------------------------------
+// The Gram-space pipeline: batched ATen ops, its products in cuBLAS (csrc/gram_aten.h), with
+// the CPU kernel's dtype policy, saved layout and degenerate samples; token-major x is read
+// as it is (no transposed copy) and dX comes back in x's layout.
+
+std::tuple<Tensor, Tensor> isqrt_cov_gram_cuda(const Tensor& x, int64_t iters, bool recompute_t) {
+  check_tensor(x, "isqrt_cov_gram", "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  return mpncov::isqrt_cov_gram_aten(x, iters, recompute_t);
+}
+
+Tensor isqrt_cov_gram_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& saved,
+                                    int64_t iters) {
+  const char* op = "isqrt_cov_gram_backward";
+  check_tensor(grad, op, "grad");
+  check_tensor(x, op, "x");
+  check_tensor(saved, op, "saved");
+  check_same_device(grad, "grad", x, "x", op);
+  check_same_device(saved, "saved", x, "x", op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return mpncov::isqrt_cov_gram_backward_aten(grad, x, saved, iters);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mpncov, CUDA, m) {
@@ -353,4 +377,6 @@ TORCH_LIBRARY_IMPL(mpncov, CUDA, m) {
   m.impl("sqrtm_backward", &sqrtm_backward_cuda);
   m.impl("triuvec", &triuvec_cuda);
   m.impl("triuvec_backward", &triuvec_backward_cuda);
+  m.impl("isqrt_cov_gram", &isqrt_cov_gram_cuda);
+  m.impl("isqrt_cov_gram_backward", &isqrt_cov_gram_backward_cuda);
 }
