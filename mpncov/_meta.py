@@ -27,13 +27,12 @@ def saved_count(iters: int) -> int:
     return 3 * (iters - 1) + 1
 
 
-def features_like(x, every_device=False):
-    """A tensor like the gradient the kernels return for features x (B, C, M): in x's
-    layout when x is token-major (a transposed view of a contiguous (B, M, C) tensor, not
-    itself contiguous), otherwise contiguous (csrc/cpu/features.h); on the CPU only, or
-    with `every_device` on every device (the Gram-space kernel, csrc/gram_aten.cpp)."""
-    on_device = every_device or x.device.type == "cpu"
-    if on_device and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+def features_like(x):
+    """A tensor like the gradient the kernels return for features x (B, C, M), on every
+    device: in x's layout when x is token-major (a transposed view of a contiguous
+    (B, M, C) tensor, not itself contiguous), otherwise contiguous (csrc/cpu/features.h;
+    on CUDA csrc/gram_aten.cpp and covpool's cuBLAS path for such x)."""
+    if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
         b, c, m = x.shape
         return x.new_empty((b, m, c)).transpose(1, 2)
     return x.new_empty(x.shape)
@@ -114,4 +113,4 @@ def _isqrt_cov_gram_fake(x, iters, recompute_t=False):
 @torch.library.register_fake("mpncov::isqrt_cov_gram_backward")
 def _isqrt_cov_gram_backward_fake(grad, x, saved, iters):
     _check_iters(iters, "isqrt_cov_gram_backward")
-    return features_like(x, every_device=True)
+    return features_like(x)

@@ -127,7 +127,8 @@ def covpool(x: Tensor, *, channel_dim: int = 1) -> Tensor:
 
     ``channel_dim=-1`` takes tokens, (B, N, C) (N positions, e.g. vision-transformer
     tokens) or (B, H, W, C): the covariance is over the C channels, exactly as for
-    (B, C, N). The CPU kernels read that layout as it is, and its gradient comes back in it.
+    (B, C, N). The CPU kernels read that layout as it is (on CUDA cuBLAS does, on the
+    transposed view), and its gradient comes back in it.
     """
     return _apply(_autograd.Covpool, "covpool", _as_bcm(x, "covpool", channel_dim))
 

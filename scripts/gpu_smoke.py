@@ -102,11 +102,10 @@ def case_channels_last(dev, quick):
     xl = x.contiguous(memory_format=torch.channels_last)
     g = torch.randn(2, 48 * 49 // 2, generator=gen(6)).to(dev)
     a, b = pipeline(x, g, 3), pipeline(xl, g, 3)
-    if torch.device(dev).type == "cuda":  # copied to channels first: the same computation
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "channels_last changes bits"
-    else:  # the CPU kernels read channels_last as it is (tokens): other BLAS operand orders
-        check_close(a[0], b[0], 1e-5, "channels_last output")
-        check_close(a[1], b[1], 1e-5, "channels_last gradient")
+    # channels_last is read as it is (tokens; on CUDA covpool through cuBLAS on the
+    # transposed view): other operand orders, so rounding may differ
+    check_close(a[0], b[0], 1e-5, "channels_last output")
+    check_close(a[1], b[1], 1e-5, "channels_last gradient")
 
 
 def case_expanded_grad(dev, quick):

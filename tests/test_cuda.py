@@ -746,3 +746,28 @@ def test_auto_keeps_the_covariance_space_on_cuda():
     assert mpncov._space.resolve("gram", x, 5, "isqrt_cov") == "gram"
     node = type(mpncov.isqrt_cov(x, 5, space="gram").grad_fn).__name__
     assert node == "IsqrtCovGramBackward"
+
+
+# ---- token-major features in the covariance space (covpool through cuBLAS, no copy) -------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_covpool_reads_tokens_without_a_copy(dtype):
+    tokens = torch.randn(3, 49, 70, generator=gen(50), dtype=F64).to(DEV, dtype)  # (B, N, C)
+    x = tokens.transpose(1, 2)
+    g = torch.randn(3, 70, 70, generator=gen(51), dtype=F64).to(DEV, dtype)
+    prev = _gram_fp32_exact()
+    try:
+        s = torch.ops.mpncov.covpool(x)
+        dx = torch.ops.mpncov.covpool_backward(g, x)
+        s_c = torch.ops.mpncov.covpool(x.contiguous())
+        dx_c = torch.ops.mpncov.covpool_backward(g, x.contiguous())
+        out_t, dx_t = _space_step(tokens, torch.randn(3, 70 * 71 // 2, device=DEV, dtype=dtype),
+                                  5, "cov", channel_dim=-1)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert torch.equal(s, s.transpose(1, 2)), "covpool output must be exactly symmetric"
+    assert dx.transpose(1, 2).is_contiguous() and dx_t.is_contiguous()  # tokens' layout
+    assert_rel(s, s_c, TOL[dtype], "covpool tokens vs channels first")
+    assert_rel(dx, dx_c, GRAD_TOL[dtype], "covpool_backward tokens vs channels first")
+    assert_rel(s, ref_covpool(x.double()), TOL[dtype], "covpool tokens vs reference")
+    torch.library.opcheck(torch.ops.mpncov.covpool_backward.default, (g, x))

@@ -1,7 +1,8 @@
 // The cuBLAS product path of the CUDA ops (aten_products_binding.cpp): same functions
 // as the hand-written kernels, products through ATen's batched matmul. Arguments are
-// contiguous tensors of the compute dtype on one CUDA device; shapes are checked by the
-// caller (ops_binding.cpp).
+// contiguous tensors of the compute dtype on one CUDA device (covpool's x may also be
+// token-major: read as it is, dX returned in its layout); shapes are checked by the caller
+// (ops_binding.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>

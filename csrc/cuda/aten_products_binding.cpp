@@ -7,12 +7,14 @@
 //
 // Products the kernels mirror (compute the upper triangle and copy it) are mirrored here
 // too after a full product, so both paths compute the same function, exactly symmetric
-// where the kernels' results are. Inputs are contiguous tensors of the compute dtype.
+// where the kernels' results are. Inputs are tensors of the compute dtype, contiguous, or
+// for covpool's features also token-major (cpu/features.h), read without a copy.
 #include "aten_products.h"
 
 #include <ATen/ATen.h>
 
 #include "../batched_products.h"
+#include "../cpu/features.h"
 #include "sqrtm_kernel.cuh"
 
 namespace mpncov {
@@ -46,9 +48,14 @@ Tensor covpool_aten(const Tensor& x) {
   return mirror_upper(at::bmm(xc, xc.transpose(1, 2)).div_(static_cast<double>(x.size(2))));
 }
 
+// dX = (G + G^T) Xc / M in x's layout: for token-major x its transpose Xc^T (G + G^T)
+// (G + G^T is exactly symmetric: a + b == b + a) into a contiguous (B, M, C).
 Tensor covpool_backward_aten(const Tensor& grad, const Tensor& x) {
-  const Tensor xc = x - x.mean(-1, /*keepdim=*/true);
-  return at::bmm(grad + grad.transpose(1, 2), xc).div_(static_cast<double>(x.size(2)));
+  const Tensor xc = x - x.mean(-1, /*keepdim=*/true);  // keeps x's layout
+  const Tensor g2 = grad + grad.transpose(1, 2);
+  const double m = static_cast<double>(x.size(2));
+  if (is_token_major(x)) return at::bmm(xc.transpose(1, 2), g2).div_(m).transpose(1, 2);
+  return at::bmm(g2, xc).div_(m);
 }
 
 std::tuple<Tensor, Tensor> sqrtm_aten(const Tensor& s, int64_t iters) {

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "../cpu/features.h"
 #include "../gram_aten.h"
 #include "../limits.h"
 #include "aten_products.h"
@@ -167,6 +168,13 @@ int64_t positions(const Tensor& x, const char* op) {
 }
 
 // ---- covpool ------------------------------------------------------------------------------
+// Token-major features (a transposed view of a contiguous (B, M, C) tensor: vision-transformer
+// tokens, channels_last (B, C, H, W) flattened; cpu/features.h) go to cuBLAS as they are
+// (covpool_aten: bmm takes the transposed view as op 'T'), instead of a transposed copy to
+// channels first for the hand-written kernels, which stage Xc from channels-first rows (a
+// second load path there would need its own tiles). dX comes back in x's layout, as on the
+// CPU (mpncov/_meta.py). cuBLAS uses TF32 where torch allows it (MPNCOV_CUDA_TF32 is for
+// the hand-written kernels).
 
 Tensor covpool_cuda(const Tensor& x) {
   check_tensor(x, "covpool", "x");
@@ -179,8 +187,10 @@ Tensor covpool_cuda(const Tensor& x) {
   if (b == 0 || c == 0) return out.to(x.scalar_type());
   TORCH_CHECK(m >= 1, "mpncov.covpool: expected at least one position (M = H*W >= 1), got x of "
               "shape ", x.sizes());
-  const Tensor xc = x.reshape({b, c, m}).to(ct).contiguous();
-  if (use_cublas_products()) return mpncov::cuda::covpool_aten(xc).to(x.scalar_type());
+  const Tensor x3 = x.reshape({b, c, m}).to(ct);  // a view, and x's layout, where x is dense
+  if (use_cublas_products() || mpncov::is_token_major(x3))
+    return mpncov::cuda::covpool_aten(x3).to(x.scalar_type());
+  const Tensor xc = x3.contiguous();
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_covpool_cuda", [&] {
     Tensor work = at::empty({mpncov::cuda::covpool_forward_workspace(b, c, m)}, xc.options());
     check_launch(mpncov::cuda::covpool_forward<scalar_t>(
@@ -208,10 +218,11 @@ Tensor covpool_backward_cuda(const Tensor& grad, const Tensor& x) {
                                                                               : at::kFloat;
   Tensor dx = at::empty({b, c, m}, x.options().dtype(ct));
   if (b == 0 || c == 0 || m == 0) return dx.view(x.sizes()).to(x.scalar_type());
-  const Tensor xc = x.reshape({b, c, m}).to(ct).contiguous();
+  const Tensor x3 = x.reshape({b, c, m}).to(ct);
   const Tensor gc = grad.to(ct).contiguous();
-  if (use_cublas_products())
-    return mpncov::cuda::covpool_backward_aten(gc, xc).view(x.sizes()).to(x.scalar_type());
+  if (use_cublas_products() || mpncov::is_token_major(x3))
+    return mpncov::cuda::covpool_backward_aten(gc, x3).view(x.sizes()).to(x.scalar_type());
+  const Tensor xc = x3.contiguous();
   AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_covpool_backward_cuda", [&] {
     Tensor work = at::empty({mpncov::cuda::covpool_backward_workspace(b, c, m)}, xc.options());
     check_launch(mpncov::cuda::covpool_backward<scalar_t>(
