@@ -6,9 +6,18 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace mpncov {
 namespace batched {
+
+// Held while a kernel made of ATen ops runs: autocast passes the mpncov ops through
+// unchanged, but the ATen ops inside would still see it (bmm under torch.autocast runs in
+// float16 / bfloat16, and mixes dtypes with the float32 operands of baddbmm_). Excluding
+// the autocast keys keeps the compute dtype the op chose.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // The upper triangle of p (B, n, n) (diagonal included) copied to the lower: exactly symmetric.
 inline at::Tensor mirror_upper(const at::Tensor& p) {

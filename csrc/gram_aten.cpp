@@ -174,6 +174,7 @@ Tensor features_product(const Tensor& p1, const Tensor& q1, const Tensor& p2, co
 std::tuple<Tensor, Tensor> isqrt_cov_gram_aten(const Tensor& x_in, int64_t iters,
                                                bool recompute_t) {
   const char* op = "isqrt_cov_gram";
+  const batched::NoAutocast no_autocast;
   check_features(x_in, iters, op);
   const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2), N = iters;
   const at::ScalarType ct = sqrtm_compute_dtype(x_in.scalar_type(), N);
@@ -207,6 +208,7 @@ std::tuple<Tensor, Tensor> isqrt_cov_gram_aten(const Tensor& x_in, int64_t iters
 Tensor isqrt_cov_gram_backward_aten(const Tensor& grad_in, const Tensor& x_in,
                                     const Tensor& saved_in, int64_t iters) {
   const char* op = "isqrt_cov_gram_backward";
+  const batched::NoAutocast no_autocast;
   check_features(x_in, iters, op);
   check_input(grad_in, op, "grad", 2);
   const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2), N = iters;

@@ -771,3 +771,20 @@ def test_covpool_reads_tokens_without_a_copy(dtype):
     assert_rel(dx, dx_c, GRAD_TOL[dtype], "covpool_backward tokens vs channels first")
     assert_rel(s, ref_covpool(x.double()), TOL[dtype], "covpool tokens vs reference")
     torch.library.opcheck(torch.ops.mpncov.covpool_backward.default, (g, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("space,channel_dim", [("gram", 1), ("gram", -1), ("cov", -1)])
+def test_autocast_gram_space_and_tokens(dtype, space, channel_dim):
+    # the ATen ops inside these kernels must not be cast by autocast (products in float32)
+    lin = torch.nn.Linear(32, 64, bias=False).to(DEV)
+    x = torch.randn(2, 16, 32, device=DEV, generator=torch.Generator(DEV).manual_seed(1))
+    with torch.autocast("cuda", dtype=dtype):
+        tokens = lin(x)                                   # (B, N, C) in `dtype`
+        f = tokens if channel_dim == -1 else tokens.transpose(1, 2).contiguous()
+        out = mpncov.isqrt_cov(f, iters=5, channel_dim=channel_dim, space=space)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref = ref_isqrt_cov(tokens.detach().double().cpu().transpose(1, 2), 5)
+    assert_rel(out, ref, HALF_TOL[dtype], f"{space} under autocast")
+    out.float().sum().backward()
+    assert torch.isfinite(lin.weight.grad).all()

@@ -174,3 +174,17 @@ def test_token_features_are_not_copied():
         x.contiguous()
     assert any(e.name == "aten::copy_" and list(e.input_shapes[0]) in feature_shapes
                for e in prof.events())
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "tokens"])
+def test_autocast_does_not_reach_the_products(layout):
+    # autocast passes the ops through; the ATen ops inside must not run in bfloat16 either
+    x = _features((2, 30, 11), layout, seed=9, dtype=torch.float32)
+    g = _grad_for((2, 30, 11), seed=10, dtype=torch.float32)
+    vec, saved = OPS._isqrt_cov_gram_aten(x, 5)
+    dx = OPS._isqrt_cov_gram_aten_backward(g, x, saved, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vec_a, saved_a = OPS._isqrt_cov_gram_aten(x, 5)
+        dx_a = OPS._isqrt_cov_gram_aten_backward(g, x, saved_a, 5)
+    assert vec_a.dtype == saved_a.dtype == dx_a.dtype == torch.float32
+    assert torch.equal(vec_a, vec) and torch.equal(saved_a, saved) and torch.equal(dx_a, dx)

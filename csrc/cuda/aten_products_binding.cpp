@@ -44,6 +44,7 @@ std::pair<Tensor, Tensor> traces(const Tensor& s) {
 }  // namespace
 
 Tensor covpool_aten(const Tensor& x) {
+  const batched::NoAutocast no_autocast;
   const Tensor xc = x - x.mean(-1, /*keepdim=*/true);
   return mirror_upper(at::bmm(xc, xc.transpose(1, 2)).div_(static_cast<double>(x.size(2))));
 }
@@ -51,6 +52,7 @@ Tensor covpool_aten(const Tensor& x) {
 // dX = (G + G^T) Xc / M in x's layout: for token-major x its transpose Xc^T (G + G^T)
 // (G + G^T is exactly symmetric: a + b == b + a) into a contiguous (B, M, C).
 Tensor covpool_backward_aten(const Tensor& grad, const Tensor& x) {
+  const batched::NoAutocast no_autocast;
   const Tensor xc = x - x.mean(-1, /*keepdim=*/true);  // keeps x's layout
   const Tensor g2 = grad + grad.transpose(1, 2);
   const double m = static_cast<double>(x.size(2));
@@ -59,6 +61,7 @@ Tensor covpool_backward_aten(const Tensor& grad, const Tensor& x) {
 }
 
 std::tuple<Tensor, Tensor> sqrtm_aten(const Tensor& s, int64_t iters) {
+  const batched::NoAutocast no_autocast;
   const int64_t N = iters;
   const bool mirror_tz = sqrtm_mirrors_tz(iters);
   const auto [t, tt] = traces(s);
@@ -90,6 +93,7 @@ std::tuple<Tensor, Tensor> sqrtm_aten(const Tensor& s, int64_t iters) {
 
 Tensor sqrtm_backward_aten(const Tensor& grad, const Tensor& s, const Tensor& saved,
                            int64_t iters) {
+  const batched::NoAutocast no_autocast;
   const int64_t N = iters;
   const bool mirror_tz = sqrtm_mirrors_tz(iters);
   auto Y = [&](int64_t k) { return saved.select(1, k - 1); };
