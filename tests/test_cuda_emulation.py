@@ -477,6 +477,21 @@ def test_cublas_path_matches_the_kernels(emu, aten_path, iters):
     assert torch.equal(ds[:2], ds[:2].transpose(1, 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cublas_covpool_reads_tokens_and_returns_their_layout(aten_path, dtype):
+    # the CUDA binding sends token-major x (tokens, channels_last) to this path as it is
+    tokens = torch.randn(3, 50, 40, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    x = tokens.transpose(1, 2)
+    g = torch.randn(3, 40, 40, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    s = aten_path.covpool(x)
+    assert torch.equal(s, s.transpose(1, 2))
+    close(s, torch.ops.mpncov.covpool(x.contiguous()), dtype)
+    dx = aten_path.covpool_backward(g, x)
+    assert dx.transpose(1, 2).is_contiguous()  # x's layout, as the fake kernel says
+    close(dx, torch.ops.mpncov.covpool_backward(g, x.contiguous()), dtype)
+    assert aten_path.covpool_backward(g, x.contiguous()).is_contiguous()
+
+
 # ---- TF32 tensor-core products of the tile core (MPNCOV_CUDA_TF32), float only --------------
 
 def tf32(t):

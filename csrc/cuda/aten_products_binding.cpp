@@ -14,7 +14,6 @@
 #include <ATen/ATen.h>
 
 #include "../batched_products.h"
-#include "../cpu/features.h"
 #include "sqrtm_kernel.cuh"
 
 namespace mpncov {
@@ -49,15 +48,14 @@ Tensor covpool_aten(const Tensor& x) {
   return mirror_upper(at::bmm(xc, xc.transpose(1, 2)).div_(static_cast<double>(x.size(2))));
 }
 
-// dX = (G + G^T) Xc / M in x's layout: for token-major x its transpose Xc^T (G + G^T)
-// (G + G^T is exactly symmetric: a + b == b + a) into a contiguous (B, M, C).
+// dX = (G + G^T) Xc / M in x's layout: Xc and the result keep x's strides, and bmm writes a
+// token-major result (column-major per sample) as it is (cuBLAS computes its transpose).
 Tensor covpool_backward_aten(const Tensor& grad, const Tensor& x) {
   const batched::NoAutocast no_autocast;
-  const Tensor xc = x - x.mean(-1, /*keepdim=*/true);  // keeps x's layout
-  const Tensor g2 = grad + grad.transpose(1, 2);
-  const double m = static_cast<double>(x.size(2));
-  if (is_token_major(x)) return at::bmm(xc.transpose(1, 2), g2).div_(m).transpose(1, 2);
-  return at::bmm(g2, xc).div_(m);
+  const Tensor xc = x - x.mean(-1, /*keepdim=*/true);
+  Tensor dx = at::empty_like(xc);
+  at::bmm_out(dx, grad + grad.transpose(1, 2), xc);
+  return dx.div_(static_cast<double>(x.size(2)));
 }
 
 std::tuple<Tensor, Tensor> sqrtm_aten(const Tensor& s, int64_t iters) {
