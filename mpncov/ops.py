@@ -35,6 +35,8 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch._C._functorch import is_functorch_wrapped_tensor
+from torch.autograd import forward_ad
 
 from . import _autograd, _meta, _space, _vmap  # noqa: F401  (kernels, fakes, autograd, vmap)
 from ._meta import MAX_ITERS
@@ -103,8 +105,23 @@ def _check_square(s: Tensor, name: str) -> None:
             f"got shape {tuple(s.shape)}")
 
 
+def _plain(args) -> bool:
+    """Whether this call is seen by plain autograd only (or nothing): no torch.func
+    transform, no forward-mode AD level, no torch.compile trace. The raw op then runs as it
+    is, with the same backward formulas registered on it (torch.library.register_autograd,
+    mpncov/_autograd.py), instead of through the autograd.Function that torch.func needs,
+    whose Python machinery costs tens of microseconds a call (as much as the kernel of a
+    small op)."""
+    if torch.compiler.is_compiling() or getattr(forward_ad, "_current_level", -1) >= 0:
+        return False
+    return not any(isinstance(a, Tensor) and is_functorch_wrapped_tensor(a) for a in args)
+
+
 def _apply(function, name: str, *args):
-    """function.apply(*args), with torch's error for forward-mode AD made specific."""
+    """function.apply(*args), with torch's error for forward-mode AD made specific; the op
+    itself where only plain autograd sees the call (_plain)."""
+    if _plain(args):
+        return function.forward(*args)
     try:
         return function.apply(*args)
     except NotImplementedError as e:

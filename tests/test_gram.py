@@ -316,11 +316,17 @@ def test_cost_model_prefers_the_smaller_space():
 
 
 def test_auto_runs_the_chosen_space():
-    def node(x):
-        return type(mpncov.isqrt_cov(x.requires_grad_(), 5).grad_fn).__name__
+    def space_of(x):
+        # the autograd node of the op that ran: the raw op's under plain autograd
+        # ("GeneratedBackwardFor_mpncov_isqrt_cov_gram_default..."), the autograd.Function's
+        # under torch.func ("IsqrtCovGramBackward")
+        name = type(mpncov.isqrt_cov(x.requires_grad_(), 5).grad_fn).__name__
+        name = name.lower().replace("_", "")
+        assert "isqrtcov" in name, name
+        return "gram" if "isqrtcovgram" in name else "cov"
 
-    assert node(_x((2, 64, 16))) == "IsqrtCovGramBackward"   # autograd.Function IsqrtCovGram
-    assert node(_x((2, 16, 64))) == "IsqrtCovBackward"
+    assert space_of(_x((2, 64, 16))) == "gram"
+    assert space_of(_x((2, 16, 64))) == "cov"
 
 
 def test_auto_only_picks_the_gram_space_where_it_has_a_kernel(monkeypatch):
