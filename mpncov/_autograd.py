@@ -10,11 +10,12 @@ exact and never silently zero:
   when a second derivative is asked for); the Gram-space pipeline computes the same
   function as the covariance-space one, so both use the same form.
 
-The public functions (``mpncov.ops``) go through the ``torch.autograd.Function`` classes
-here, which define ``setup_context`` and ``generate_vmap_rule`` so that ``torch.func``
-(``grad``, ``vjp``, ``jacrev``, ``vmap``) works; the vmap rules of the ops themselves are in
-``mpncov._vmap``. The raw ops ``torch.ops.mpncov.*`` get the same backward formulas through
-``torch.library.register_autograd``. Forward-mode AD (``torch.func.jvp``, ``jacfwd``,
+Under ``torch.func`` (``grad``, ``vjp``, ``jacrev``, ``vmap``), forward-mode AD and
+``torch.compile`` the public functions (``mpncov.ops``) go through the
+``torch.autograd.Function`` classes here, which define ``setup_context`` and
+``generate_vmap_rule``; the vmap rules of the ops themselves are in ``mpncov._vmap``. Under
+plain autograd they call the raw ops ``torch.ops.mpncov.*``, which get the same backward
+formulas through ``torch.library.register_autograd`` and cost less Python per call. Forward-mode AD (``torch.func.jvp``, ``jacfwd``,
 ``hessian``, ``torch.autograd.forward_ad``) is not supported: ``mpncov.ops`` turns torch's
 error into one that says so.
 """
