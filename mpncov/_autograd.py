@@ -272,29 +272,10 @@ class IsqrtCovGramBackward(Function):
 
 
 # ------------------------------------------- the same formulas for the raw ops
-# (tensors through ctx.save_for_backward: a tensor output kept as a ctx attribute would
-# make a reference cycle and keep sqrtm's saved iterates alive until garbage collection)
-
-def _save(*positions, outputs=(), iters=None):
-    """setup_context saving inputs[i] for i in positions, then output[j] for j in outputs,
-    and inputs[iters] as ctx.iters; outputs listed are not differentiable."""
-    def setup_context(ctx, inputs, output):
-        outs = [output[j] for j in outputs]
-        if outs:
-            ctx.mark_non_differentiable(*outs)
-            ctx.set_materialize_grads(False)
-        if iters is not None:
-            ctx.iters = inputs[iters]
-        ctx.save_for_backward(*[inputs[i] for i in positions], *outs)
-    return setup_context
-
-
-def _sqrtm_bwd(ctx, grad, _grad_saved):
-    if grad is None:
-        return None, None
-    s, saved = ctx.saved_tensors
-    return _call(SqrtmBackward, grad, s, saved, ctx.iters), None
-
+# The raw ops torch.ops.mpncov.* (and the public functions under plain autograd, see
+# mpncov.ops._apply) get the backward and setup_context of the Functions above. Tensors go
+# through ctx.save_for_backward: a tensor output kept as a ctx attribute would make a
+# reference cycle and keep sqrtm's saved iterates alive until garbage collection.
 
 def _isqrt_cov_bwd(ctx, grad, grad_cov, _grad_saved):
     x, cov, saved = ctx.saved_tensors
@@ -319,33 +300,11 @@ def _register(op, backward, setup_context):
     torch.library.register_autograd("mpncov::" + op, backward, setup_context=setup_context)
 
 
-_register("covpool", lambda ctx, g: _call(CovpoolBackward, g, *ctx.saved_tensors), _save(0))
-_register("covpool_backward",
-          lambda ctx, u: covpool_backward_backward(*ctx.saved_tensors, u), _save(0, 1))
-_register("sqrtm", _sqrtm_bwd, _save(0, outputs=(1,), iters=1))
-_register("sqrtm_backward",
-          lambda ctx, u: (*sqrtm_backward_backward(*ctx.saved_tensors, ctx.iters, u), None, None),
-          _save(0, 1, iters=3))
-_register("triuvec", lambda ctx, g: _call(TriuvecBackward, g, ctx.n),
-          lambda ctx, inputs, output: setattr(ctx, "n", inputs[0].shape[-1]))
-_register("triuvec_backward", lambda ctx, u: (triuvec_backward_backward(u), None),
-          lambda ctx, inputs, output: None)
+for _op, _function in (("covpool", Covpool), ("covpool_backward", CovpoolBackward),
+                       ("sqrtm", Sqrtm), ("sqrtm_backward", SqrtmBackward),
+                       ("triuvec", Triuvec), ("triuvec_backward", TriuvecBackward),
+                       ("isqrt_cov_backward", IsqrtCovBackward),
+                       ("isqrt_cov_gram", IsqrtCovGram),
+                       ("isqrt_cov_gram_backward", IsqrtCovGramBackward)):
+    _register(_op, _function.backward, _function.setup_context)
 _register("isqrt_cov", _isqrt_cov_bwd, _isqrt_cov_setup)
-_register("isqrt_cov_backward",
-          lambda ctx, u: (*isqrt_cov_backward_backward(*ctx.saved_tensors, ctx.iters, u),
-                          None, None, None),
-          _save(0, 1, iters=4))
-
-
-def _isqrt_cov_gram_bwd(ctx, grad, _grad_saved):
-    if grad is None:
-        return None, None, None
-    x, saved = ctx.saved_tensors
-    return _call(IsqrtCovGramBackward, grad, x, saved, ctx.iters), None, None
-
-
-_register("isqrt_cov_gram", _isqrt_cov_gram_bwd, _save(0, outputs=(1,), iters=1))
-_register("isqrt_cov_gram_backward",
-          lambda ctx, u: (*isqrt_cov_backward_backward(*ctx.saved_tensors, ctx.iters, u),
-                          None, None),
-          _save(0, 1, iters=3))
