@@ -26,24 +26,13 @@
 #include "batched_products.h"
 #include "cpu/common.h"
 #include "cpu/features.h"
+#include "cpu/gram_args.h"
 
 namespace mpncov {
 namespace {
 
 using at::Tensor;
 using batched::product;
-
-// Matrices kept per sample: 3N-2 with the T_k, 2N-1 without (as the CPU kernel).
-int64_t saved_count(int64_t N, bool recompute_t) {
-  return recompute_t ? 2 * N - 1 : 3 * (N - 1) + 1;
-}
-
-void check_features(const Tensor& x, int64_t iters, const char* op) {
-  check_input(x, op, "x", 3);
-  TORCH_CHECK_VALUE(x.size(2) >= 1, "mpncov.", op,
-                    ": x must have at least one position (M >= 1), got shape ", x.sizes());
-  check_iters(iters, op);
-}
 
 // The row-major positions of the upper triangle (diagonal included) in a flattened n x n.
 Tensor upper_triangle_index(int64_t n, const at::Device& device) {
@@ -70,7 +59,9 @@ Normalised normalised_features(const Tensor& x) {
     norm = at::linalg_vector_norm(xc, 2, at::IntArrayRef{1, 2}, true, at::kDouble);
   }
   const Tensor divisor = at::where(norm > 0, norm, at::ones_like(norm));
-  Tensor w = ct == at::kDouble ? xc / divisor : (xc.to(at::kDouble) / divisor).to(ct);
+  // Divided in double (divisor's dtype) and rounded once into x's dtype and layout.
+  Tensor w = at::empty_like(xc);
+  at::div_out(w, xc, divisor);
   return {w, norm};
 }
 
@@ -175,10 +166,11 @@ std::tuple<Tensor, Tensor> isqrt_cov_gram_aten(const Tensor& x_in, int64_t iters
                                                bool recompute_t) {
   const char* op = "isqrt_cov_gram";
   const batched::NoAutocast no_autocast;
-  check_features(x_in, iters, op);
+  check_features_input(x_in, op);
+  check_iters(iters, op);
   const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2), N = iters;
   const at::ScalarType ct = sqrtm_compute_dtype(x_in.scalar_type(), N);
-  const int64_t count = saved_count(N, recompute_t);
+  const int64_t count = gram_saved_count(N, recompute_t);
   if (B == 0 || C == 0)
     return {at::empty({B, C * (C + 1) / 2}, x_in.options()),
             at::empty({B, count, M, M}, x_in.options().dtype(ct))};
@@ -209,24 +201,8 @@ Tensor isqrt_cov_gram_backward_aten(const Tensor& grad_in, const Tensor& x_in,
                                     const Tensor& saved_in, int64_t iters) {
   const char* op = "isqrt_cov_gram_backward";
   const batched::NoAutocast no_autocast;
-  check_features(x_in, iters, op);
-  check_input(grad_in, op, "grad", 2);
+  const bool keeps_t = !check_gram_backward_args(grad_in, x_in, saved_in, iters, op);
   const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2), N = iters;
-  TORCH_CHECK_VALUE(grad_in.size(0) == B && grad_in.size(1) == C * (C + 1) / 2, "mpncov.", op,
-                    ": grad ", grad_in.sizes(), " does not match x ", x_in.sizes(),
-                    " (expected (", B, ", ", C * (C + 1) / 2, "))");
-  // The forward kept the T_k (3N-2 matrices) or not (2N-1; the same for N = 1).
-  const int64_t count = saved_in.dim() == 4 ? saved_in.size(1) : -1;
-  const bool keeps_t = count != saved_count(N, true);
-  TORCH_CHECK_VALUE(saved_in.dim() == 4 && saved_in.size(0) == B &&
-                        (!keeps_t || count == saved_count(N, false)) && saved_in.size(2) == M &&
-                        saved_in.size(3) == M,
-                    "mpncov.", op, ": saved has shape ", saved_in.sizes(), ", expected (", B,
-                    ", ", saved_count(N, false), " or ", saved_count(N, true), ", ", M, ", ", M,
-                    ") for iters=", N);
-  TORCH_CHECK(grad_in.device() == x_in.device() && saved_in.device() == x_in.device(),
-              "mpncov.", op, ": tensors on different devices: grad ", grad_in.device(), ", x ",
-              x_in.device(), ", saved ", saved_in.device());
   const at::ScalarType ct = sqrtm_compute_dtype(x_in.scalar_type(), N);
   if (B == 0 || C == 0) return empty_features_like(x_in, ct).zero_().to(x_in.scalar_type());
   FeatureLayout layout;

@@ -16,14 +16,8 @@
 namespace mpncov {
 namespace {
 
-void check_covpool_input(const at::Tensor& x, const char* op) {
-  check_input(x, op, "x", 3);
-  TORCH_CHECK_VALUE(x.size(2) >= 1, "mpncov.", op,
-                    ": x must have at least one position (M >= 1), got shape ", x.sizes());
-}
-
 at::Tensor covpool_cpu(const at::Tensor& x_in) {
-  check_covpool_input(x_in, "covpool");
+  check_features_input(x_in, "covpool");
   const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2);
   if (B == 0 || C == 0) return at::zeros({B, C, C}, x_in.options());
   FeatureLayout layout;
@@ -49,7 +43,7 @@ at::Tensor covpool_cpu(const at::Tensor& x_in) {
 
 // dX in the layout of x (see features.h).
 at::Tensor covpool_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in) {
-  check_covpool_input(x_in, "covpool_backward");
+  check_features_input(x_in, "covpool_backward");
   check_square(grad_in, "covpool_backward", "grad");
   TORCH_CHECK(grad_in.device() == x_in.device(), "mpncov.covpool_backward: grad is on ",
               grad_in.device(), " but x is on ", x_in.device());

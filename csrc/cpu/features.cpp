@@ -13,6 +13,12 @@ bool is_token_major(const at::Tensor& x) {
   return x.dim() == 3 && !x.is_contiguous() && x.transpose(1, 2).is_contiguous();
 }
 
+void check_features_input(const at::Tensor& x, const char* op) {
+  check_input(x, op, "x", 3);
+  TORCH_CHECK_VALUE(x.size(2) >= 1, "mpncov.", op,
+                    ": x must have at least one position (M >= 1), got shape ", x.sizes());
+}
+
 at::Tensor features_in(const at::Tensor& x_in, at::ScalarType ct, FeatureLayout* layout) {
   at::Tensor x = x_in.to(ct);  // keeps the strides of a dense tensor
   if (is_token_major(x)) {

@@ -24,6 +24,9 @@ enum class FeatureLayout { channels_first, tokens };
 // not itself contiguous: where both hold, C == 1 or M == 1, it counts as channels first).
 bool is_token_major(const at::Tensor& x);
 
+// x must be (B, C, M) features with at least one position (a clear error naming op).
+void check_features_input(const at::Tensor& x, const char* op);
+
 // x in dtype ct and one of the two layouts: no copy where x already has one (and the dtype).
 at::Tensor features_in(const at::Tensor& x, at::ScalarType ct, FeatureLayout* layout);
 

@@ -54,16 +54,12 @@
 #include "common.h"
 #include "elementwise.h"
 #include "features.h"
+#include "gram_args.h"
 #include "matrix_product.h"
 #include "newton_schulz.h"
 
 namespace mpncov {
 namespace {
-
-// Matrices kept per sample: 3N-2 with the T_k, 2N-1 without.
-int64_t gram_saved_count(int64_t N, bool recompute_t) {
-  return recompute_t ? 2 * N - 1 : newton_schulz_saved_count(N);
-}
 
 // One sample's Gram-space iterates: `base` is its slice of `saved` (laid out as above), z1
 // scratch for Z_1, t_scratch for T_k when they are not kept.
@@ -139,15 +135,9 @@ void gram_forward_sample(const T* x, T* vec, T* saved, T* scratch, const GramSha
   }
 }
 
-void check_gram_input(const at::Tensor& x, const char* op) {
-  check_input(x, op, "x", 3);
-  TORCH_CHECK_VALUE(x.size(2) >= 1, "mpncov.", op,
-                    ": x must have at least one position (M >= 1), got shape ", x.sizes());
-}
-
 std::tuple<at::Tensor, at::Tensor> isqrt_cov_gram_cpu(const at::Tensor& x_in, int64_t iters,
                                                       bool recompute_t) {
-  check_gram_input(x_in, "isqrt_cov_gram");
+  check_features_input(x_in, "isqrt_cov_gram");
   check_iters(iters, "isqrt_cov_gram");
   const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2), N = iters;
   const auto ct = sqrtm_compute_dtype(x_in.scalar_type(), N);
@@ -228,26 +218,10 @@ void gram_backward_sample(const T* grad, const T* x, T* saved, T* dx, T* scratch
 at::Tensor isqrt_cov_gram_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                        const at::Tensor& saved_in, int64_t iters) {
   const char* op = "isqrt_cov_gram_backward";
-  check_gram_input(x_in, op);
-  check_input(grad_in, op, "grad", 2);
-  check_iters(iters, op);
+  const bool recompute_t = check_gram_backward_args(grad_in, x_in, saved_in, iters, op);
   const int64_t B = x_in.size(0), C = x_in.size(1), M = x_in.size(2), N = iters;
-  TORCH_CHECK_VALUE(grad_in.size(0) == B && grad_in.size(1) == C * (C + 1) / 2, "mpncov.", op,
-                    ": grad ", grad_in.sizes(), " does not match x ", x_in.sizes(),
-                    " (expected (", B, ", ", C * (C + 1) / 2, "))");
-  // The forward kept the T_k (3N-2 matrices) or not (2N-1; the same for N = 1).
-  const int64_t count = saved_in.dim() == 4 ? saved_in.size(1) : -1;
-  const bool recompute_t = count == gram_saved_count(N, true);
-  TORCH_CHECK_VALUE(saved_in.dim() == 4 && saved_in.size(0) == B &&
-                        (recompute_t || count == gram_saved_count(N, false)) &&
-                        saved_in.size(2) == M && saved_in.size(3) == M,
-                    "mpncov.", op, ": saved has shape ", saved_in.sizes(), ", expected (", B,
-                    ", ", gram_saved_count(N, false), " or ", gram_saved_count(N, true), ", ", M,
-                    ", ", M, ") for iters=", N);
+  const int64_t count = saved_in.size(1);
   GramShape d{C, M, N, recompute_t, FeatureLayout::channels_first};
-  TORCH_CHECK(grad_in.device() == x_in.device() && saved_in.device() == x_in.device(),
-              "mpncov.", op, ": tensors on different devices: grad ", grad_in.device(), ", x ",
-              x_in.device(), ", saved ", saved_in.device());
   const auto ct = sqrtm_compute_dtype(x_in.scalar_type(), N);
   at::Tensor dx = empty_features_like(x_in, ct);
   if (B == 0 || C == 0) return dx.zero_().to(x_in.scalar_type());
