@@ -29,7 +29,8 @@ inline at::Tensor mirror_upper(const at::Tensor& p) {
 inline at::Tensor product(const at::Tensor& p1, const at::Tensor& q1, double a1,
                           const at::Tensor& p2, const at::Tensor& q2, double a2, double gamma,
                           bool upper) {
-  at::Tensor r = at::bmm(p1, q1).mul_(a1);
+  at::Tensor r = at::bmm(p1, q1);
+  if (a1 != 1) r.mul_(a1);  // most products have a1 = 1: no extra pass
   if (p2.defined()) r.baddbmm_(p2, q2, /*beta=*/1, /*alpha=*/a2);
   if (gamma != 0) r.diagonal(0, 1, 2).add_(gamma);
   return upper ? mirror_upper(r) : r;

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <tuple>
 
+#include "../cpu/common.h"
 #include "../cpu/features.h"
 #include "../gram_aten.h"
 #include "../limits.h"
@@ -65,18 +66,10 @@ void check_square_batch(const Tensor& t, const char* op, const char* name) {
               " to be a batch of square matrices (B, C, C), got shape ", t.sizes());
 }
 
-void check_iters(int64_t iters, const char* op) {
-  TORCH_CHECK_VALUE(mpncov::cuda::sqrtm_iters_valid(iters), "mpncov.", op,
-                    ": iters must be between 1 and ", mpncov::kMaxIters, ", got ", iters);
-}
-
-// sqrtm's compute dtype: compute_dtype, and float32 in float64 beyond kMaxMirroredIters
-// iterations (csrc/limits.h: float32 long runs diverge on rank-deficient input). Its saved
-// iterates have this dtype.
-at::ScalarType sqrtm_compute_dtype(at::ScalarType t, int64_t iters) {
-  const at::ScalarType ct = compute_dtype(t);
-  return (ct == at::kFloat && !mpncov::mirrors_all_products(iters)) ? at::kDouble : ct;
-}
+// iters in 1..kMaxIters, and sqrtm's compute dtype (float32 in float64 beyond
+// kMaxMirroredIters iterations, csrc/limits.h): the CPU kernels' rules, shared.
+using mpncov::check_iters;
+using mpncov::sqrtm_compute_dtype;
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "mpncov.", op, ": CUDA kernel failed: ",
