@@ -134,11 +134,26 @@ _GRAM_DEVICES = frozenset(t for t in _DISPATCH_KEYS if has_gram_kernel(t))
 COST_MODEL_DEVICES = frozenset({"cpu", "meta"})
 
 
+_PLANS: dict = {}
+
+
+def plan(C: int, M: int, N: int) -> tuple:
+    """(choose(C, M, N), recompute_t(C, M, N)), computed once per sizes: the cost model is
+    pure Python and costs tens of microseconds a call, as much as the dispatch it sits
+    next to. Under torch.compile it is traced as it is (no cache)."""
+    if torch.compiler.is_compiling():
+        return choose(C, M, N), recompute_t(C, M, N)
+    hit = _PLANS.get((C, M, N))
+    if hit is None:
+        hit = _PLANS[(C, M, N)] = (choose(C, M, N), recompute_t(C, M, N))
+    return hit
+
+
 def auto_space(C: int, M: int, N: int, device_type: str) -> str:
     """space="auto": the cheaper space by :func:`cost` where the model holds (CPU) and the
     Gram space has a kernel; elsewhere the covariance space (kernels everywhere)."""
     if device_type in _GRAM_DEVICES and device_type in COST_MODEL_DEVICES:
-        return choose(C, M, N)
+        return plan(C, M, N)[0]
     return "cov"
 
 

@@ -205,7 +205,7 @@ def isqrt_cov(x: Tensor, iters: int = 5, *, channel_dim: int = 1, space: str = "
     iters = _check_iters(iters, "isqrt_cov")
     x = _as_bcm(x, "isqrt_cov", channel_dim)
     if _space.resolve(space, x, iters, "isqrt_cov") == "gram":
-        recompute_t = _space.recompute_t(x.shape[1], x.shape[2], iters)
+        recompute_t = _space.plan(x.shape[1], x.shape[2], iters)[1]
         return _apply(_autograd.IsqrtCovGram, "isqrt_cov", x, iters, recompute_t)[0]
     return _apply(_autograd.IsqrtCov, "isqrt_cov", x, iters)[0]
 
