@@ -44,12 +44,9 @@ DRY_RUN="${DRY_RUN:-0}"
 BUDGET_S="${BUDGET_S:-480}"
 SHAPES="B=128,C=256,M=196,N=5;B=128,C=128,M=784,N=3"
 
-if [[ -z "${CUDA_HOME:-}" ]]; then
-  for d in /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x/x)")")"; do
-    if [[ -f "$d/include/cuda_runtime.h" ]]; then CUDA_HOME="$d"; break; fi
-  done
-fi
-export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+# The toolkit the build itself would find (setup.py's search: CUDA_HOME, CUDA_PATH, nvcc on
+# PATH through links and wrappers, /usr/local/cuda), set so every step sees the same one.
+export CUDA_HOME="${CUDA_HOME:-$("$PYTHON" build_backend/mpncov_build/cuda_toolkit.py 2>/dev/null || echo /usr/local/cuda)}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export FORCE_CUDA=1
