@@ -73,27 +73,9 @@ Tensor first_z(const Tensor& g) {
   return z;
 }
 
-// T_k = 1.5 I - 0.5 Z_k Y_k.
+// T_k = 1.5 I - 0.5 Z_k Y_k (recomputed in the backward when not saved).
 Tensor t_step(const Tensor& z, const Tensor& y, bool mirror_tz) {
   return product(z, y, -0.5, 1.5, mirror_tz);
-}
-
-// Y_1..Y_{N-1}, Z_1..Z_N, T_1..T_{N-1} of the recurrence on G (newton_schulz.h).
-struct GramIterates {
-  std::vector<Tensor> y, z, t;
-};
-
-GramIterates newton_schulz_gram(const Tensor& g, int64_t N, bool mirror_tz) {
-  GramIterates it;
-  it.z.push_back(first_z(g));
-  if (N == 1) return it;
-  it.y.push_back(product(g, it.z[0], 1, 0, true));
-  for (int64_t k = 1; k <= N - 1; ++k) {
-    it.t.push_back(t_step(it.z[k - 1], it.y[k - 1], mirror_tz));
-    if (k < N - 1) it.y.push_back(product(it.y[k - 1], it.t[k - 1], 1, 0, true));
-    it.z.push_back(product(it.t[k - 1], it.z[k - 1], 1, 0, mirror_tz));
-  }
-  return it;
 }
 
 // The saved iterates as the backward reads them:
@@ -115,27 +97,6 @@ struct SavedIterates {
   }
 };
 
-// D = L_r(G, H), the derivative of Z_N along H (newton_schulz_derivative, result Z).
-Tensor newton_schulz_gram_derivative(const Tensor& h, const SavedIterates& it) {
-  const int64_t N = it.N;
-  Tensor dz = h.mul(-0.5);
-  if (N == 1) return dz;
-  const Tensor g = it.G();
-  Tensor dy = product(h, g, -0.5, g, h, -0.5, 0, true).add_(h, 1.5);
-  for (int64_t k = 1; k <= N - 1; ++k) {
-    const Tensor yk = it.Y(k), zk = it.Z(k), tk = it.T(k);
-    const Tensor dt = product(dz, yk, -0.5, zk, dy, -0.5, 0, it.mirror_tz);
-    if (k < N - 1) {
-      Tensor dy_next = product(dy, tk, 1, yk, dt, 1, 0, true);
-      dz = product(dt, zk, 1, tk, dz, 1, 0, it.mirror_tz);
-      dy = dy_next;
-    } else {
-      dz = product(dt, zk, 1, tk, dz, 1, 0, it.mirror_tz);
-    }
-  }
-  return dz;
-}
-
 // <A, B> per sample as (B, 1, 1), accumulated in double.
 Tensor sample_dot(const Tensor& a, const Tensor& b) {
   return (a * b).sum({1, 2}, /*keepdim=*/true, at::kDouble);
@@ -154,7 +115,8 @@ Tensor symmetric_from_triangle(const Tensor& grad, int64_t C) {
 // product Q1^T P1^T + ... into a contiguous (B, M, C) and seen through its transpose.
 Tensor features_product(const Tensor& p1, const Tensor& q1, const Tensor& p2, const Tensor& q2,
                         double alpha, FeatureLayout layout) {
-  if (layout == FeatureLayout::channels_first) return product(p1, q1, alpha, p2, q2, alpha, 0, false);
+  if (layout == FeatureLayout::channels_first)
+    return product(p1, q1, alpha, p2, q2, alpha, 0, false);
   return product(q1.transpose(1, 2), p1.transpose(1, 2), alpha, q2.transpose(1, 2),
                  p2.transpose(1, 2), alpha, 0, false)
       .transpose(1, 2);
@@ -179,7 +141,8 @@ std::tuple<Tensor, Tensor> isqrt_cov_gram_aten(const Tensor& x_in, int64_t iters
   const auto [w, norm] = normalised_features(x);
   const Tensor wt = w.transpose(1, 2);
   const Tensor g = product(wt, w, 1, 0, true);
-  const GramIterates it = newton_schulz_gram(g, N, mirrors_all_products(N));
+  const batched::Iterates it =
+      batched::newton_schulz(g, first_z(g), N, mirrors_all_products(N), batched::Result::z);
   std::vector<Tensor> slots{g};
   slots.insert(slots.end(), it.y.begin(), it.y.end());
   if (recompute_t) {
@@ -213,11 +176,14 @@ Tensor isqrt_cov_gram_backward_aten(const Tensor& grad_in, const Tensor& x_in,
   // E W, then H = W^T E W
   const Tensor ew = at::bmm(e, w);
   const Tensor h = product(wt, ew, 1, 0, true);
-  // D = L_r(G, H), with Z_1 recomputed from G
+  // Z_1 recomputed from G
   const Tensor saved = saved_in.to(ct);
   const Tensor z1 = first_z(saved.select(1, 0));
   const SavedIterates it{saved, z1, N, keeps_t, mirrors_all_products(N)};
-  const Tensor d = newton_schulz_gram_derivative(h, it);
+  // D = L_r(G, H), the derivative of Z_N along H
+  const Tensor d = batched::newton_schulz_derivative(
+      h, it.G(), N, it.mirror_tz, batched::Result::z, [&](int64_t k) { return it.Y(k); },
+      [&](int64_t k) { return it.Z(k); }, [&](int64_t k) { return it.T(k); });
   const Tensor r = it.Z(N);
   // dXc = (2 (E W R + W D) - (<H, R> + 2 <G, D>) W) / sqrt(M), then centred
   const double root_m = std::sqrt(static_cast<double>(M));

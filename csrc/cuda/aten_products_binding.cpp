@@ -65,26 +65,12 @@ std::tuple<Tensor, Tensor> sqrtm_aten(const Tensor& s, int64_t iters) {
   const auto [t, tt] = traces(s);
   const Tensor a = symmetric_part(s) / tt;
   const Tensor t0 = (eye_like(s) * 3 - a) * 0.5;
-  std::vector<Tensor> y, z, tk;  // Y_1.., Z_1.., T_1..
-  Tensor y_last = product(a, t0, 1, 0, true);
-  if (N >= 2) {
-    y.push_back(y_last);
-    z.push_back(t0);
-    for (int64_t k = 1; k <= N - 1; ++k) {
-      tk.push_back(product(z.back(), y.back(), -0.5, 1.5, mirror_tz));
-      Tensor y_next = product(y.back(), tk.back(), 1, 0, true);
-      if (k < N - 1) {
-        z.push_back(product(tk.back(), z.back(), 1, 0, mirror_tz));
-        y.push_back(y_next);
-      } else {
-        y_last = y_next;
-      }
-    }
-  }
-  std::vector<Tensor> slots;
-  slots.insert(slots.end(), y.begin(), y.end());
-  slots.insert(slots.end(), z.begin(), z.end());
-  slots.insert(slots.end(), tk.begin(), tk.end());
+  const batched::Iterates it = batched::newton_schulz(a, t0, N, mirror_tz, batched::Result::y);
+  // saved = [Y_1..Y_{N-1}, Z_1..Z_{N-1}, T_1..T_{N-1}, Y_N]
+  std::vector<Tensor> slots(it.y.begin(), it.y.end() - 1);
+  slots.insert(slots.end(), it.z.begin(), it.z.begin() + (N - 1));
+  slots.insert(slots.end(), it.t.begin(), it.t.end());
+  const Tensor y_last = it.y.back();
   slots.push_back(y_last);
   return {at::sqrt(tt) * y_last, at::stack(slots, 1)};
 }
@@ -101,15 +87,9 @@ Tensor sqrtm_backward_aten(const Tensor& grad, const Tensor& s, const Tensor& sa
   const auto [t, tt] = traces(s);
   const Tensor a = symmetric_part(s) / tt;
   const Tensor e = at::sqrt(tt) * symmetric_part(grad);
-  // Forward-mode along E (see sqrtm_kernel.cu): dY1 = 1.5 E - 0.5 (E A + A E), ...
-  Tensor dy = product(e, a, -0.5, a, e, -0.5, 0, true).add_(e, 1.5);
-  Tensor dz = e * -0.5;
-  for (int64_t k = 1; k <= N - 1; ++k) {
-    const Tensor dt = product(dz, Y(k), -0.5, Z(k), dy, -0.5, 0, mirror_tz);
-    Tensor dy_next = product(dy, Tm(k), 1, Y(k), dt, 1, 0, true);
-    if (k < N - 1) dz = product(dt, Z(k), 1, Tm(k), dz, 1, 0, mirror_tz);
-    dy = dy_next;
-  }
+  // Forward-mode along E (see sqrtm_kernel.cu)
+  const Tensor dy =
+      batched::newton_schulz_derivative(e, a, N, mirror_tz, batched::Result::y, Y, Z, Tm);
   // dS = dA / t (0 where t = 0) + (<G, Y> / (2 sqrt t) - <dA / t, A>) I where t != 0.
   const Tensor zero = at::zeros_like(dy);
   Tensor ds = at::where(t == 0, zero, dy / t);
