@@ -54,7 +54,7 @@ FALLBACK_COMMON = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS
 BUILD_FLAGS = ["-O3", "-std=c++17", "-DMPNCOV_WITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H",
                "-DTORCH_EXTENSION_NAME=_C"]
 # Threads per block, by kernel name (gemm::kBlock for the tile kernels, else kThreads).
-TILE_KERNELS = ("product_kernel", "covpool_kernel", "covpool_backward_kernel")
+TILE_KERNELS = ("product_kernel", "covpool_kernel", "covpool_backward_kernel", "gram_product_kernel")
 TILE_THREADS, OTHER_THREADS = 64, 256
 # Per-SM limits (registers, shared memory for blocks, blocks, warps) of the archs.
 SM_LIMITS = {80: (65536, 164 * 1024, 32, 64), 86: (65536, 100 * 1024, 16, 48),

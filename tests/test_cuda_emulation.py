@@ -439,7 +439,7 @@ def test_emulation_rewrites_every_launch():
     assert build.rewrite_launches(src) == (
         "::emu::launch(grid, kThreads, 0, stream, k<T>, a,\n b);  "
         "::emu::launch(1, 32, 0, s, f, x);")
-    for f in build.CUDA_SRC.glob("*.cu"):
+    for f in [*build.CUDA_SRC.glob("*.cu"), *build.CUDA_SRC.glob("*.cuh")]:
         assert "<<<" not in build.rewrite_launches(f.read_text()), f
 
 
@@ -633,3 +633,78 @@ def test_sqrtm_tf32(emu, c, iters):
     # Long mode computes float32 in float64, where TF32 does not apply.
     s_long = s.double().contiguous()
     assert torch.equal(emu_sqrtm(emu, s_long, 9, TILED, TF32)[0], emu_sqrtm(emu, s_long, 9, TILED, FFMA)[0])
+
+
+# ---- the Gram-space pipeline (isqrt_cov_gram), against the CPU ops --------------------------
+
+def gram_slots(iters, recompute_t):
+    return 2 * iters - 1 if recompute_t else 3 * iters - 2
+
+
+def emu_gram(emu, x, iters, recompute_t=False, tokens=False, math=FFMA, vec=None, saved=None):
+    """The emulated forward of x (B, C, M): channels first, or (tokens) the transposed view of
+    a contiguous (B, M, C), handed to the launcher as that buffer."""
+    b, c, m = x.shape
+    buf = x.transpose(1, 2) if tokens else x
+    assert buf.is_contiguous()
+    vec = nan_filled((b, c * (c + 1) // 2), x.dtype) if vec is None else vec
+    saved = nan_filled((b, gram_slots(iters, recompute_t), m, m), x.dtype) if saved is None else saved
+    call(emu, "isqrt_cov_gram_forward", x.dtype, buf, int(tokens), vec, saved, b, c, m, iters,
+         int(recompute_t), math)
+    return vec, saved
+
+
+def emu_gram_backward(emu, grad, x, saved, iters, tokens=False, math=FFMA, dx_buf=None):
+    """dx in x's layout (a (B, M, C) buffer seen transposed for tokens)."""
+    b, c, m = x.shape
+    buf = x.transpose(1, 2) if tokens else x
+    recompute_t = saved.shape[1] != 3 * iters - 2
+    if dx_buf is None:
+        dx_buf = nan_filled((b, m, c) if tokens else (b, c, m), x.dtype)
+    call(emu, "isqrt_cov_gram_backward", x.dtype, grad, buf, int(tokens), saved, dx_buf, b, c, m,
+         iters, int(recompute_t), math)
+    return dx_buf.transpose(1, 2) if tokens else dx_buf
+
+
+def gram_features(b, c, m, dtype, seed, tokens=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, m, c, generator=g, dtype=torch.float64) + 0.5
+    x = x.to(dtype)
+    return x.transpose(1, 2) if tokens else x.transpose(1, 2).contiguous()
+
+
+def gram_close(a, b, dtype, tol=None):
+    tol = tol or (1e-12 if dtype == torch.float64 else 3e-5)
+    assert not torch.isnan(a).any(), "NaN: something was not written or read scratch"
+    scale = max(b.abs().max().item(), 1e-30)
+    err = (a - b).abs().max().item() / scale
+    assert err <= tol, f"max relative error {err:.3g} > {tol}"
+
+
+def comparable_saved(saved, iters, recompute_t):
+    """The saved slots the CPU and the kernels compute alike: all of them (Y_1 is G Z_1 there
+    and 1.5 G - 0.5 G G here, equal to rounding)."""
+    return saved
+
+
+GRAM_CASES = [(1, 1, 1), (1, 9, 2), (3, 7, 3), (17, 5, 5), (47, 12, 8), (48, 48, 2),
+              (65, 30, 3), (130, 5, 2), (12, 40, 5), (40, 70, 1), (17, 5, 12), (12, 40, 12)]
+
+
+@pytest.mark.parametrize("recompute_t", [False, True])
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("c,m,iters", GRAM_CASES)
+def test_gram(emu, c, m, iters, tokens, recompute_t):
+    dtype = torch.float64
+    b = 2
+    x = gram_features(b, c, m, dtype, seed=c * 100 + m + iters, tokens=tokens)
+    vec, saved = emu_gram(emu, x, iters, recompute_t, tokens)
+    ref_vec, ref_saved = torch.ops.mpncov.isqrt_cov_gram(x, iters, recompute_t)
+    gram_close(vec, ref_vec, dtype)
+    gram_close(saved, ref_saved, dtype)
+    g = torch.randn(b, c * (c + 1) // 2, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    dx = emu_gram_backward(emu, g, x, saved, iters, tokens)
+    ref_dx = torch.ops.mpncov.isqrt_cov_gram_backward(g, x, ref_saved, iters)
+    gram_close(dx, ref_dx, dtype)
+    # The saved layouts are interchangeable: the kernels' backward from the CPU's saved.
+    gram_close(emu_gram_backward(emu, g, x, ref_saved.contiguous(), iters, tokens), ref_dx, dtype)
