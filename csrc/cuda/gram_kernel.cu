@@ -2,8 +2,8 @@
 // csrc/cpu/isqrt_cov_gram_cpu.cpp).
 //
 // Kernels:
-// * normalise_kernel (one block per sample): Xc and ||Xc||, then divide_kernel:
-//   W = Xc / ||Xc||;
+// * normalisation: channel_sums_kernel and norm_kernel (one block per sample: fixed-order
+//   sums in double), centre_kernel and divide_kernel (elementwise): W = Xc / ||Xc||;
 // * gram_product_kernel: the products with a C-sized dimension (G = W^T W, H = W^T (E W),
 //   E W, P = W R, the upper triangle of P W^T straight into vec, dXc = E W R + W D), on the
 //   64 x 64 tile core of batched_gemm.cuh. Features are read in their own layout by
@@ -13,7 +13,7 @@
 //   kernel shared with sqrtm (square_products.cuh);
 // * small elementwise kernels (Z_1 = 1.5 I - 0.5 G, dZ_1 = -0.5 H, E from the vector) and
 //   gram_finish_kernel (one block per sample): <H, R>, <G, D>, the W term of dXc and the
-//   centring of dX.
+//   channel sums for the centring of dX (centre_kernel).
 // Every reduction is in double with a fixed order (block_sum); no atomics.
 #include "gram_kernel.cuh"
 
@@ -146,74 +146,88 @@ __device__ __forceinline__ int64_t feature_at(int c, int m, int C, int M, bool t
   return tokens ? static_cast<int64_t>(m) * C + c : static_cast<int64_t>(c) * M + m;
 }
 
-// dst = v - (mean of v over the positions, accumulated in double and rounded to T), per
-// channel, for v = src (add == nullptr) or v = src + coef add (dst may alias src: each
-// channel is read and then written by the same threads). Channels first: a warp per
-// channel (lane-strided partial sums, then the shuffle tree); tokens: a thread per channel
-// (consecutive threads read consecutive channels), in position order. Called by the whole
-// block.
+// sums[c] = sum over the positions of channel c of one sample's features f (C x M), in
+// double and in a fixed order. Channels first: a warp per channel (lane-strided partial
+// sums, then the shuffle tree); tokens: a thread per channel (consecutive threads read
+// consecutive channels), in position order. Called by the whole block.
 template <typename T>
-__device__ void centre_channels(const T* src, const T* add, T coef, T* dst, int C, int M,
-                                bool tokens) {
-  auto value = [&](int64_t i) { return add == nullptr ? src[i] : src[i] + coef * add[i]; };
+__device__ void channel_sums(const T* f, double* sums, int C, int M, bool tokens) {
   if (!tokens) {
     const int lane = threadIdx.x & 31;
     for (int c = threadIdx.x >> 5; c < C; c += kWarps) {  // uniform within a warp
-      const int64_t row = static_cast<int64_t>(c) * M;
+      const T* row = f + static_cast<int64_t>(c) * M;
       double s = 0;
-      for (int m = lane; m < M; m += 32) s += static_cast<double>(value(row + m));
+      for (int m = lane; m < M; m += 32) s += static_cast<double>(row[m]);
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
-      const T mean = static_cast<T>(__shfl_sync(0xffffffffu, s, 0) / M);
-      for (int m = lane; m < M; m += 32) dst[row + m] = value(row + m) - mean;
+      if (lane == 0) sums[c] = s;
     }
     return;
   }
   for (int c = threadIdx.x; c < C; c += kThreads) {
     double s = 0;
-    for (int m = 0; m < M; ++m) s += static_cast<double>(value(static_cast<int64_t>(m) * C + c));
-    const T mean = static_cast<T>(s / M);
-    for (int m = 0; m < M; ++m) {
-      const int64_t i = static_cast<int64_t>(m) * C + c;
-      dst[i] = value(i) - mean;
-    }
+    for (int m = 0; m < M; ++m) s += static_cast<double>(f[static_cast<int64_t>(m) * C + c]);
+    sums[c] = s;
   }
 }
 
-// Per sample (blockIdx.x strides over the batch): w = Xc, norm = ||Xc|| in double. Squares of
+// Per sample (blockIdx.x strides over the batch): the channel sums of x.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    channel_sums_kernel(const T* __restrict__ x, double* __restrict__ sums, int C, int M,
+                        bool tokens, int64_t batch) {
+  const int64_t cm = static_cast<int64_t>(C) * M;
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x)
+    channel_sums(x + b * cm, sums + b * C, C, M, tokens);
+}
+
+// out = f - mean over the positions, the mean = sum / M rounded to T (as
+// csrc/cpu/features.cpp's centre_features). out may alias f. total = batch C M. The
+// divisions are in elementwise kernels: inside a loop with more live state, the double
+// division's slow path (a call) makes ptxas spill.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    centre_kernel(const T* f, const double* __restrict__ sums, T* out, int C, int M,
+                  bool tokens, int64_t total) {
+  const int64_t cm = static_cast<int64_t>(C) * M;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = idx / cm, r = idx - b * cm;
+    const int64_t c = tokens ? r % C : r / M;
+    out[idx] = f[idx] - static_cast<T>(sums[b * C + c] / M);
+  }
+}
+
+// Per sample (blockIdx.x strides over the batch): norm = ||Xc|| in double. Squares of
 // values below ~1e-154 lose digits in double and above ~1e154 overflow; only then is the
 // sum taken again over Xc scaled by the power of two nearest above max |Xc| (the rule of
 // csrc/cpu/features.cpp, which divides by max |Xc|; a power of two scales exactly). NaN
 // gives NaN.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    normalise_kernel(const T* x, T* w, double* norm, int C, int M, bool tokens, int64_t batch) {
+    norm_kernel(const T* __restrict__ xc, double* __restrict__ norm, int64_t cm, int64_t batch) {
   __shared__ double scratch[32];
-  const int64_t cm = static_cast<int64_t>(C) * M;
   for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
-    T* wb = w + b * cm;
-    centre_channels<T>(x + b * cm, nullptr, T(0), wb, C, M, tokens);
-    __syncthreads();  // every channel is centred before the norm reads them all
+    const T* xb = xc + b * cm;
     double sq = 0;
     for (int64_t i = threadIdx.x; i < cm; i += kThreads) {
-      const double v = static_cast<double>(wb[i]);
+      const double v = static_cast<double>(xb[i]);
       sq += v * v;
     }
     double nb = block_sum(sq, scratch);
     if (!(nb > 1e-200 && nb <= DBL_MAX)) {
       double largest = 0;
       for (int64_t i = threadIdx.x; i < cm; i += kThreads)
-        largest = nan_max(largest, fabs(static_cast<double>(wb[i])));
+        largest = nan_max(largest, fabs(static_cast<double>(xb[i])));
       largest = block_max(largest, scratch);
       if (largest != largest || largest == 0 || largest > DBL_MAX) {
         nb = largest;
       } else {
-        // Scaled by 2^-e with largest = f 2^e, f in [0.5, 1): exact, and no division.
         int e;
-        frexp(largest, &e);
+        frexp(largest, &e);  // largest = f 2^e, f in [0.5, 1)
         double scaled = 0;
         for (int64_t i = threadIdx.x; i < cm; i += kThreads) {
-          const double v = ldexp(static_cast<double>(wb[i]), -e);
+          const double v = ldexp(static_cast<double>(xb[i]), -e);
           scaled += v * v;
         }
         nb = ldexp(sqrt(block_sum(scaled, scratch)), e);
@@ -227,8 +241,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // w = w / norm of its sample (divided in double, rounded once), except where the norm is
-// 0 (w = Xc = 0 stays). total = batch C M. A kernel of its own: in normalise_kernel the
-// double division's slow path (a call) made ptxas spill the live loop state.
+// 0 (w = Xc = 0 stays). total = batch C M.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     divide_kernel(T* __restrict__ w, const double* __restrict__ norm, int64_t cm, int64_t total) {
@@ -271,15 +284,18 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Per sample (blockIdx.x strides over the batch), with dx = (2 / sqrt M)(E W R + W D)
-// already written: dx = centred(dx + coef W), coef = -(<H, R> + 2 <G, D>) / sqrt(M), the
-// dots summed in double in a fixed order.
+// already written: dx += coef W, coef = -(<H, R> + 2 <G, D>) / sqrt(M) (the dots summed in
+// double in a fixed order), and the channel sums of the result (centre_kernel then
+// subtracts their means).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    gram_finish_kernel(T* dx, const T* w, const T* h, const T* r, int64_t r_bstride,
-                       const T* g, int64_t g_bstride, const T* d, int C, int M, bool tokens,
-                       int64_t batch) {
+    gram_finish_kernel(T* __restrict__ dx, const T* __restrict__ w, const T* __restrict__ h,
+                       const T* __restrict__ r, int64_t r_bstride, const T* __restrict__ g,
+                       int64_t g_bstride, const T* __restrict__ d, double* __restrict__ sums,
+                       int C, int M, bool tokens, int64_t batch) {
   __shared__ double scratch[32];
   const int64_t cm = static_cast<int64_t>(C) * M, mm = static_cast<int64_t>(M) * M;
+  const double root_m = sqrt(static_cast<double>(M));
   for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
     const T* hb = h + b * mm;
     const T* rb = r + b * r_bstride;
@@ -292,8 +308,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     hr = block_sum(hr, scratch);
     gd = block_sum(gd, scratch);
-    const T coef = static_cast<T>(-(hr + 2 * gd) / sqrt(static_cast<double>(M)));
-    centre_channels<T>(dx + b * cm, w + b * cm, coef, dx + b * cm, C, M, tokens);
+    const T coef = static_cast<T>(-(hr + 2 * gd) / root_m);
+    T* o = dx + b * cm;
+    const T* wb = w + b * cm;
+    for (int64_t i = threadIdx.x; i < cm; i += kThreads) o[i] += coef * wb[i];
+    __syncthreads();  // every value is updated before the channel sums read them
+    channel_sums(o, sums + b * C, C, M, tokens);
     __syncthreads();
   }
 }
@@ -393,13 +413,31 @@ cudaError_t gram_of(const T* w, const T* f, T* out, int64_t out_bstride, int C, 
   return launch_product(args, math, stream);
 }
 
+// centre_kernel with its grid.
 template <typename T>
-cudaError_t launch_normalise(const T* x, T* w, double* norm, int C, int M, bool tokens,
-                             int64_t batch, cudaStream_t stream) {
-  const unsigned int blocks = static_cast<unsigned int>(batch < kMaxGridY ? batch : kMaxGridY);
-  normalise_kernel<T><<<blocks, kThreads, 0, stream>>>(x, w, norm, C, M, tokens, batch);
-  MPNCOV_TRY(cudaGetLastError());
+cudaError_t launch_centre(const T* f, const double* sums, T* out, int C, int M, bool tokens,
+                          int64_t batch, cudaStream_t stream) {
+  const int64_t total = batch * C * M;
+  centre_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(f, sums, out, C, M, tokens,
+                                                                      total);
+  return cudaGetLastError();
+}
+
+unsigned int sample_blocks(int64_t batch) {
+  return static_cast<unsigned int>(batch < kMaxGridY ? batch : kMaxGridY);
+}
+
+// w = (x - channel means) / ||Xc|| and norm = ||Xc|| (sums: C doubles per sample).
+template <typename T>
+cudaError_t launch_normalise(const T* x, T* w, double* sums, double* norm, int C, int M,
+                             bool tokens, int64_t batch, cudaStream_t stream) {
   const int64_t cm = static_cast<int64_t>(C) * M, total = batch * cm;
+  channel_sums_kernel<T><<<sample_blocks(batch), kThreads, 0, stream>>>(x, sums, C, M, tokens,
+                                                                        batch);
+  MPNCOV_TRY(cudaGetLastError());
+  MPNCOV_TRY(launch_centre(x, sums, w, C, M, tokens, batch, stream));
+  norm_kernel<T><<<sample_blocks(batch), kThreads, 0, stream>>>(w, norm, cm, batch);
+  MPNCOV_TRY(cudaGetLastError());
   divide_kernel<T><<<elementwise_blocks(total), kThreads, 0, stream>>>(w, norm, cm, total);
   return cudaGetLastError();
 }
@@ -466,7 +504,8 @@ cudaError_t isqrt_cov_gram_forward(const T* x, bool tokens, T* vec, T* saved, T*
   const bool mirror_tz = mirrors_all_products(iters);
   const int64_t mm = M * M, cm = C * M;
   double* norm = reinterpret_cast<double*>(work);
-  T* w = work + gram_norms_size<T>(batch);
+  double* sums = norm + batch;
+  T* w = work + gram_doubles_size<T>(batch * (C + 1));
   T* p = w + gram_padded(batch * cm);
   T* z1 = p + gram_padded(batch * cm);
   T* t_scratch = z1 + gram_padded(batch * mm);
@@ -474,7 +513,7 @@ cudaError_t isqrt_cov_gram_forward(const T* x, bool tokens, T* vec, T* saved, T*
                         isqrt_cov_gram_saved_slots(iters, recompute_t) * mm, recompute_t};
   const Runner<T> run{m, batch, math, stream};
 
-  MPNCOV_TRY(launch_normalise(x, w, norm, c, m, tokens, batch, stream));
+  MPNCOV_TRY(launch_normalise(x, w, sums, norm, c, m, tokens, batch, stream));
   // G = W^T W into slot 0, Z_1 = 1.5 I - 0.5 G
   MPNCOV_TRY(gram_of(w, w, saved, it.sb, c, m, tokens, batch, math, stream));
   MPNCOV_TRY(launch_scale_shift(saved, it.sb, z1, T(-0.5), T(1.5), m, batch, stream));
@@ -529,7 +568,8 @@ cudaError_t isqrt_cov_gram_backward(const T* grad, const T* x, bool tokens, cons
   const bool mirror_tz = mirrors_all_products(iters);
   const int64_t mm = M * M, cm = C * M, mmp = gram_padded(batch * mm);
   double* norm = reinterpret_cast<double*>(work);
-  T* w = work + gram_norms_size<T>(batch);
+  double* sums = norm + batch;
+  T* w = work + gram_doubles_size<T>(batch * (C + 1));
   T* ew = w + gram_padded(batch * cm);
   T* e = ew + gram_padded(batch * cm);
   T* h = e + gram_padded(batch * C * C);
@@ -544,7 +584,7 @@ cudaError_t isqrt_cov_gram_backward(const T* grad, const T* x, bool tokens, cons
   const Runner<T> run{m, batch, math, stream};
   auto scratch = [&](const T* p) { return Mat<T>{p, mm}; };
 
-  MPNCOV_TRY(launch_normalise(x, w, norm, c, m, tokens, batch, stream));
+  MPNCOV_TRY(launch_normalise(x, w, sums, norm, c, m, tokens, batch, stream));
   const int64_t ecount = batch * C * C;
   sym_from_triangle_kernel<T><<<elementwise_blocks(ecount), kThreads, 0, stream>>>(grad, e, c,
                                                                                     ecount);
@@ -601,10 +641,10 @@ cudaError_t isqrt_cov_gram_backward(const T* grad, const T* x, bool tokens, cons
   const int64_t bs[2] = {r.bstride, mm};
   MPNCOV_TRY(features_times_square(a, bm, bs, 2, static_cast<T>(2 / root_m), dx, c, m, tokens,
                                    batch, math, stream));
-  const unsigned int blocks = static_cast<unsigned int>(batch < kMaxGridY ? batch : kMaxGridY);
-  gram_finish_kernel<T><<<blocks, kThreads, 0, stream>>>(dx, w, h, r.p, r.bstride, saved, it.sb,
-                                                         d, c, m, tokens, batch);
-  return cudaGetLastError();
+  gram_finish_kernel<T><<<sample_blocks(batch), kThreads, 0, stream>>>(
+      dx, w, h, r.p, r.bstride, saved, it.sb, d, sums, c, m, tokens, batch);
+  MPNCOV_TRY(cudaGetLastError());
+  return launch_centre<T>(dx, sums, dx, c, m, tokens, batch, stream);
 }
 
 template cudaError_t isqrt_cov_gram_forward<float>(const float*, bool, float*, float*, float*,

@@ -42,19 +42,20 @@ inline int64_t isqrt_cov_gram_saved_slots(int64_t iters, bool recompute_t) {
 // Scratch regions are padded to whole 64-element blocks (16-byte aligned starts).
 inline int64_t gram_padded(int64_t n) { return (n + 63) / 64 * 64; }
 
-// The per-sample norms ||Xc|| (batch doubles), in elements of T.
+// n doubles in elements of T: the per-sample norms ||Xc|| and channel sums (C + 1 per
+// sample) that start the scratch.
 template <typename T>
-int64_t gram_norms_size(int64_t batch) {
-  return gram_padded((batch * static_cast<int64_t>(sizeof(double)) + sizeof(T) - 1) / sizeof(T));
+int64_t gram_doubles_size(int64_t n) {
+  return gram_padded((n * static_cast<int64_t>(sizeof(double)) + sizeof(T) - 1) / sizeof(T));
 }
 
-// Scratch of the forward: the norms, W and P = W R (C x M each), Z_1 and, when the T_k
-// are not kept, one T_k (M x M each).
+// Scratch of the forward: norms and channel sums, W and P = W R (C x M each), Z_1 and,
+// when the T_k are not kept, one T_k (M x M each).
 template <typename T>
 int64_t isqrt_cov_gram_forward_workspace(int64_t batch, int64_t C, int64_t M, int64_t iters,
                                          bool recompute_t) {
   const int64_t cm = gram_padded(batch * C * M), mm = gram_padded(batch * M * M);
-  return gram_norms_size<T>(batch) + 2 * cm + (recompute_t && iters > 1 ? 2 : 1) * mm;
+  return gram_doubles_size<T>(batch * (C + 1)) + 2 * cm + (recompute_t && iters > 1 ? 2 : 1) * mm;
 }
 
 // M x M matrices of the backward's scratch: H, Z_1, then dZ_1 = -0.5 H (D itself for
@@ -64,12 +65,13 @@ inline int64_t gram_backward_matrices(int64_t iters, bool recompute_t) {
   return iters == 1 ? 3 : (recompute_t ? 8 : 7);
 }
 
-// Scratch of the backward: the norms, W, E W (C x M), E (C x C), the matrices above.
+// Scratch of the backward: norms and channel sums, W, E W (C x M), E (C x C), the
+// matrices above.
 template <typename T>
 int64_t isqrt_cov_gram_backward_workspace(int64_t batch, int64_t C, int64_t M, int64_t iters,
                                           bool recompute_t) {
   const int64_t cm = gram_padded(batch * C * M), mm = gram_padded(batch * M * M);
-  return gram_norms_size<T>(batch) + 2 * cm + gram_padded(batch * C * C) +
+  return gram_doubles_size<T>(batch * (C + 1)) + 2 * cm + gram_padded(batch * C * C) +
          gram_backward_matrices(iters, recompute_t) * mm;
 }
 
