@@ -39,6 +39,12 @@ struct Side {
   bool k_contig;
 };
 
+// Position of (i, j), i <= j, in the row-major upper triangle (diagonal included) of a
+// C x C matrix: triuvec's layout (as triuvec_kernel.cu's dev_triu_index).
+__device__ __forceinline__ int64_t triu_index(int64_t C, int64_t i, int64_t j) {
+  return i * C - i * (i - 1) / 2 + (j - i);
+}
+
 // What gram_product_kernel does with the product of a tile.
 enum GramEpilogue : int {
   kStore = 0,    // out = alpha * product (mirrored too, for an upper-triangle product)
@@ -102,12 +108,10 @@ __global__ void __launch_bounds__(gemm::kBlock, gemm::min_blocks<T, kMath>())
       for (int e = 0; e < 4; ++e)
         keep[e] = j + e < args.cols && (!args.upper || (mirrored ? i > j + e : i <= j + e));
       if (triuvec) {
-        // Row i of the upper triangle starts at i C - i (i - 1) / 2 (its element (i, i)).
-        const int64_t row = static_cast<int64_t>(i) * args.cols -
-                            static_cast<int64_t>(i) * (i - 1) / 2 - i;
+        T* row = ob + triu_index(args.cols, i, j);  // (i, j + e) at row[e]
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          if (keep[e]) ob[row + j + e] = static_cast<T>(s * static_cast<double>(v[e]));
+          if (keep[e]) row[e] = static_cast<T>(s * static_cast<double>(v[e]));
         return;
       }
 #pragma unroll
@@ -277,8 +281,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const auto [b, i, j] = matrix_index(idx, C);
-    const int64_t lo = i < j ? i : j, hi = i < j ? j : i;
-    const T v = g[b * k + lo * C - lo * (lo - 1) / 2 + (hi - lo)];
+    const T v = g[b * k + (i <= j ? triu_index(C, i, j) : triu_index(C, j, i))];
     e[idx] = i == j ? v : T(0.5) * v;
   }
 }
