@@ -4,8 +4,9 @@
 //
 // Dtypes: float32 and float64 are computed natively; float16 and bfloat16 are computed
 // in float32 and the result is cast back to the input dtype (sqrtm's `saved` stays in
-// the compute dtype, and sqrtm_backward reads it in that dtype). sqrtm with more than
-// kMaxMirroredIters iterations computes float32 in float64 (csrc/limits.h).
+// the compute dtype, and sqrtm_backward reads it in that dtype; so does isqrt_cov_gram's).
+// sqrtm and isqrt_cov_gram with more than kMaxMirroredIters iterations compute float32 in
+// float64 (csrc/limits.h).
 //
 // The stream comes from c10/cuda/CUDAStream.h (the same stream at::cuda::
 // getCurrentCUDAStream returns); ATen/cuda/CUDAContext.h is avoided because it pulls in
