@@ -54,7 +54,7 @@ FALLBACK_COMMON = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS
 BUILD_FLAGS = ["-O3", "-std=c++17", "-DMPNCOV_WITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H",
                "-DTORCH_EXTENSION_NAME=_C"]
 # Threads per block, by kernel name (gemm::kBlock for the tile kernels, else kThreads).
-TILE_KERNELS = ("product_kernel", "covpool_kernel", "covpool_backward_kernel")
+TILE_KERNELS = ("product_kernel", "covpool_kernel", "covpool_backward_kernel", "gram_product_kernel")
 TILE_THREADS, OTHER_THREADS = 64, 256
 # Per-SM limits (registers, shared memory for blocks, blocks, warps) of the archs.
 SM_LIMITS = {80: (65536, 164 * 1024, 32, 64), 86: (65536, 100 * 1024, 16, 48),
@@ -419,7 +419,8 @@ def main() -> int:
                 if paths is None:
                     failures.append(f"{sname} sm_{arch}: no MMA loop found in the SASS")
                     continue
-                mma_loops.append((sname, arch, paths[1]))
+                if (sname, arch, paths[1]) not in mma_loops:  # the same kernel in two files
+                    mma_loops.append((sname, arch, paths[1]))
                 if paths[1].get("local"):
                     failures.append(f"{sname} sm_{arch}: local memory in the MMA loop")
                 continue
@@ -442,6 +443,8 @@ def main() -> int:
                     if label in (x[2] for x in loops if x[0] == sname and x[1] == arch):
                         continue
                     staging = float("nan")
+                if (sname, arch, label, c, staging) in loops:
+                    continue  # square_products.cuh's kernel, the same in sqrtm and gram files
                 loops.append((sname, arch, label, c, staging))
                 if staging > MAX_STAGING and "<float" in sname:
                     failures.append(f"{sname} sm_{arch} {label} path: {staging:.0f} staging "
@@ -477,7 +480,9 @@ def main() -> int:
             "to its back edge that stage the next slab: cheapest (both operands copied by "
             "cp.async: every sqrtm product up to 8 iterations, covpool) and costliest (P "
             "staged through registers: sqrtm's T / Z products beyond 8 iterations; covpool "
-            "kernels have one layout, so both rows agree). Staging = every instruction but "
+            "kernels have one layout, so both rows agree; gram_product_kernel: both operands "
+            "staged through registers, as in G = W^T W of token-major features, whose rows "
+            "run along the channels it sums over). Staging = every instruction but "
             "the FMAs and "
             "the shared loads feeding them (LDG, STS, integer/address, control, barrier). "
             "FMA share = FMA / all, an upper bound of the FMA pipe's share of issue slots. "

@@ -615,7 +615,7 @@ def test_tf32_env_value_checked(monkeypatch):
         mpncov.covpool(torch.randn(2, 3, 4, device=DEV))
 
 
-# ---- the Gram-space pipeline (csrc/gram_aten.cpp: batched ATen ops, products in cuBLAS) ----
+# ---- the Gram-space pipeline (csrc/cuda/gram_kernel.cu; csrc/gram_aten.cpp with cublas) ----
 
 def _gram_fp32_exact():
     """cuBLAS products in fp32 (no TF32) for comparisons with float32 tolerances."""
@@ -715,6 +715,32 @@ def test_gram_does_not_synchronise_with_the_host():
         torch.ops.mpncov.isqrt_cov_gram_backward(g, x, saved, 5)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("iters,recompute_t", [(1, False), (3, True), (5, False), (12, True)])
+@pytest.mark.parametrize("c,m", [(96, 50), (256, 49), (17, 70)])
+def test_gram_kernels_match_the_aten_form(c, m, iters, recompute_t, tokens, monkeypatch):
+    # float64: the hand-written kernels (default) against MPNCOV_CUDA_PRODUCTS=cublas, and
+    # each backward from the other's saved iterates (one layout for both).
+    gen_ = gen(60 + c + iters)
+    x = torch.randn(2, m, c, generator=gen_, dtype=F64).to(DEV)
+    x = x.transpose(1, 2) if tokens else x.transpose(1, 2).contiguous()
+    g = torch.randn(2, c * (c + 1) // 2, generator=gen_, dtype=F64).to(DEV)
+    monkeypatch.setenv("MPNCOV_CUDA_PRODUCTS", "kernels")
+    vec_k, saved_k = torch.ops.mpncov.isqrt_cov_gram(x, iters, recompute_t)
+    dx_k = torch.ops.mpncov.isqrt_cov_gram_backward(g, x, saved_k, iters)
+    monkeypatch.setenv("MPNCOV_CUDA_PRODUCTS", "cublas")
+    vec_a, saved_a = torch.ops.mpncov.isqrt_cov_gram(x, iters, recompute_t)
+    dx_a = torch.ops.mpncov.isqrt_cov_gram_backward(g, x, saved_a, iters)
+    dx_ak = torch.ops.mpncov.isqrt_cov_gram_backward(g, x, saved_k, iters)
+    monkeypatch.setenv("MPNCOV_CUDA_PRODUCTS", "kernels")
+    dx_ka = torch.ops.mpncov.isqrt_cov_gram_backward(g, x, saved_a, iters)
+    assert dx_k.stride() == dx_a.stride()  # x's layout
+    assert_rel(vec_k, vec_a, 1e-12, "kernels vs ATen forward")
+    assert_rel(saved_k, saved_a, 1e-12, "kernels vs ATen saved")
+    for dx in (dx_k, dx_ak, dx_ka):
+        assert_rel(dx, dx_a, 1e-11, "kernels vs ATen backward")
 
 
 @pytest.mark.parametrize("iters", [1, 2, 5])

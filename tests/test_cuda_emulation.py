@@ -439,7 +439,7 @@ def test_emulation_rewrites_every_launch():
     assert build.rewrite_launches(src) == (
         "::emu::launch(grid, kThreads, 0, stream, k<T>, a,\n b);  "
         "::emu::launch(1, 32, 0, s, f, x);")
-    for f in build.CUDA_SRC.glob("*.cu"):
+    for f in [*build.CUDA_SRC.glob("*.cu"), *build.CUDA_SRC.glob("*.cuh")]:
         assert "<<<" not in build.rewrite_launches(f.read_text()), f
 
 
@@ -633,3 +633,191 @@ def test_sqrtm_tf32(emu, c, iters):
     # Long mode computes float32 in float64, where TF32 does not apply.
     s_long = s.double().contiguous()
     assert torch.equal(emu_sqrtm(emu, s_long, 9, TILED, TF32)[0], emu_sqrtm(emu, s_long, 9, TILED, FFMA)[0])
+
+
+# ---- the Gram-space pipeline (isqrt_cov_gram), against the CPU ops --------------------------
+
+def gram_slots(iters, recompute_t):
+    return 2 * iters - 1 if recompute_t else 3 * iters - 2
+
+
+def emu_gram(emu, x, iters, recompute_t=False, tokens=False, math=FFMA, vec=None, saved=None):
+    """The emulated forward of x (B, C, M): channels first, or (tokens) the transposed view of
+    a contiguous (B, M, C), handed to the launcher as that buffer."""
+    b, c, m = x.shape
+    buf = x.transpose(1, 2) if tokens else x
+    assert buf.is_contiguous()
+    vec = nan_filled((b, c * (c + 1) // 2), x.dtype) if vec is None else vec
+    saved = nan_filled((b, gram_slots(iters, recompute_t), m, m), x.dtype) if saved is None else saved
+    call(emu, "isqrt_cov_gram_forward", x.dtype, buf, int(tokens), vec, saved, b, c, m, iters,
+         int(recompute_t), math)
+    return vec, saved
+
+
+def emu_gram_backward(emu, grad, x, saved, iters, tokens=False, math=FFMA, dx_buf=None):
+    """dx in x's layout (a (B, M, C) buffer seen transposed for tokens)."""
+    b, c, m = x.shape
+    buf = x.transpose(1, 2) if tokens else x
+    recompute_t = saved.shape[1] != 3 * iters - 2
+    if dx_buf is None:
+        dx_buf = nan_filled((b, m, c) if tokens else (b, c, m), x.dtype)
+    call(emu, "isqrt_cov_gram_backward", x.dtype, grad, buf, int(tokens), saved, dx_buf, b, c, m,
+         iters, int(recompute_t), math)
+    return dx_buf.transpose(1, 2) if tokens else dx_buf
+
+
+def gram_features(b, c, m, dtype, seed, tokens=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, m, c, generator=g, dtype=torch.float64) + 0.5
+    x = x.to(dtype)
+    return x.transpose(1, 2) if tokens else x.transpose(1, 2).contiguous()
+
+
+def gram_close(a, b, dtype, tol=None):
+    tol = tol or (1e-12 if dtype == torch.float64 else 3e-5)
+    assert not torch.isnan(a).any(), "NaN: something was not written or read scratch"
+    scale = max(b.abs().max().item(), 1e-30)
+    err = (a - b).abs().max().item() / scale
+    assert err <= tol, f"max relative error {err:.3g} > {tol}"
+
+
+# (C, M, iters): ragged tiles on both sides of the C x M and M x M products, M > C and
+# M < C, short mode up to 8 steps and long mode (12: T and Z products in full).
+GRAM_CASES = [(c, m, n, torch.float64) for c, m, n in [
+    (1, 1, 1), (1, 9, 2), (3, 7, 3), (17, 5, 5), (47, 12, 8), (48, 48, 2), (65, 30, 3),
+    (130, 5, 2), (12, 40, 5), (40, 70, 1), (17, 5, 12), (12, 40, 12)]]
+# float32 (long mode is float64 in the binding), up to the C = 128, M = 196 of a ResNet head
+GRAM_CASES += [(c, m, n, torch.float32) for c, m, n in [
+    (3, 7, 1), (65, 30, 5), (12, 40, 8), (130, 5, 3), (128, 196, 2)]]
+
+
+@pytest.mark.parametrize("recompute_t", [False, True])
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("c,m,iters,dtype", GRAM_CASES)
+def test_gram(emu, c, m, iters, dtype, tokens, recompute_t):
+    b = 2
+    x = gram_features(b, c, m, dtype, seed=c * 100 + m + iters, tokens=tokens)
+    vec, saved = emu_gram(emu, x, iters, recompute_t, tokens)
+    ref_vec, ref_saved = torch.ops.mpncov.isqrt_cov_gram(x, iters, recompute_t)
+    gram_close(vec, ref_vec, dtype)
+    # Every slot (Y_1 is G Z_1 on the CPU and 1.5 G - 0.5 G G here: equal to rounding).
+    gram_close(saved, ref_saved, dtype)
+    g = torch.randn(b, c * (c + 1) // 2, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    dx = emu_gram_backward(emu, g, x, saved, iters, tokens)
+    ref_dx = torch.ops.mpncov.isqrt_cov_gram_backward(g, x, ref_saved, iters)
+    dx_tol = None if dtype == torch.float64 else 1e-4
+    gram_close(dx, ref_dx, dtype, dx_tol)
+    # The saved layouts are interchangeable: the kernels' backward from the CPU's saved.
+    gram_close(emu_gram_backward(emu, g, x, ref_saved.contiguous(), iters, tokens), ref_dx, dtype,
+               dx_tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("iters", [1, 5, 12])
+def test_gram_degenerate_samples(emu, iters, tokens, dtype):
+    # Samples: normal, constant (||Xc|| = 0), NaN in one entry, normal. The constant one
+    # gives zero vec and zero dx, the NaN one NaN, and neither touches the others.
+    b, c, m = 4, 9, 6
+    x = gram_features(b, c, m, dtype, seed=iters, tokens=tokens)
+    x[1] = 3.0
+    x[2, 4, 2] = float("nan")
+    vec, saved = emu_gram(emu, x, iters, tokens=tokens)
+    g = torch.randn(b, c * (c + 1) // 2, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    dx = emu_gram_backward(emu, g, x, saved, iters, tokens)
+    assert torch.equal(vec[1], torch.zeros_like(vec[1])) and torch.equal(dx[1], torch.zeros_like(dx[1]))
+    assert torch.isnan(vec[2]).all() and torch.isnan(dx[2]).all()
+    live = [0, 3]
+    ref_vec, ref_saved = torch.ops.mpncov.isqrt_cov_gram(x, iters)
+    gram_close(vec[live], ref_vec[live], dtype)
+    gram_close(dx[live], torch.ops.mpncov.isqrt_cov_gram_backward(g, x, ref_saved, iters)[live],
+               dtype, None if dtype == torch.float64 else 1e-4)
+    # Sample 0 alone: the same bits.
+    x0 = x[:1].transpose(1, 2).contiguous().transpose(1, 2) if tokens else x[:1].contiguous()
+    vec0, saved0 = emu_gram(emu, x0, iters, tokens=tokens)
+    assert torch.equal(vec0, vec[:1]) and torch.equal(saved0, saved[:1])
+    assert torch.equal(emu_gram_backward(emu, g[:1].contiguous(), x0, saved0, iters, tokens), dx[:1])
+
+
+@pytest.mark.parametrize("scale", [1e-160, 1e200])
+def test_gram_float64_extreme_scales(emu, scale):
+    # Squares of these underflow / overflow double: the norm is taken over scaled values.
+    # vec is homogeneous of degree 1 in x, dx of degree 0.
+    dtype = torch.float64
+    x = gram_features(2, 10, 7, dtype, seed=3)
+    g = torch.randn(2, 55, generator=torch.Generator().manual_seed(9), dtype=dtype)
+    vec, saved = emu_gram(emu, x, 5)
+    dx = emu_gram_backward(emu, g, x, saved, 5)
+    xs = (x * scale).contiguous()
+    vec_s, saved_s = emu_gram(emu, xs, 5)
+    dx_s = emu_gram_backward(emu, g, xs, saved_s, 5)
+    assert torch.isfinite(vec_s).all() and torch.isfinite(dx_s).all()
+    gram_close(vec_s / scale, vec, dtype, 1e-10)
+    gram_close(dx_s, dx, dtype, 1e-10)
+    gram_close(vec_s, torch.ops.mpncov.isqrt_cov_gram(xs, 5)[0], dtype)
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_gram_misaligned_buffers(emu, tokens):
+    # Every buffer one element past a 16-byte boundary: the scalar paths, the same bits.
+    b, c, m, iters = 2, 64, 48, 3
+    dtype = torch.float32
+    x = gram_features(b, c, m, dtype, seed=11, tokens=tokens)
+    g = torch.randn(b, c * (c + 1) // 2, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    vec, saved = emu_gram(emu, x, iters, tokens=tokens)
+    dx = emu_gram_backward(emu, g, x, saved, iters, tokens)
+    buf = misaligned(x.transpose(1, 2) if tokens else x)
+    x_m = buf.transpose(1, 2) if tokens else buf
+    vec_m, saved_m = emu_gram(emu, x_m, iters, tokens=tokens, vec=misaligned(nan_filled(vec.shape, dtype)),
+                              saved=misaligned(nan_filled(saved.shape, dtype)))
+    assert torch.equal(vec_m, vec) and torch.equal(saved_m, saved)
+    dx_buf = misaligned(nan_filled((b, m, c) if tokens else (b, c, m), dtype))
+    dx_m = emu_gram_backward(emu, misaligned(g), x_m, saved_m, iters, tokens, dx_buf=dx_buf)
+    assert torch.equal(dx_m, dx)
+
+
+def test_gram_tf32(emu):
+    # TF32 products round their operands to 10 mantissa bits: visibly not float32, within a
+    # TF32 tolerance; 3xTF32 about float32.
+    b, c, m, iters = 2, 70, 40, 3
+    dtype = torch.float32
+    x = gram_features(b, c, m, dtype, seed=12)
+    g = torch.randn(b, c * (c + 1) // 2, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    ref_vec, ref_saved = torch.ops.mpncov.isqrt_cov_gram(x.double(), iters)
+    ref_dx = torch.ops.mpncov.isqrt_cov_gram_backward(g.double(), x.double(), ref_saved, iters)
+    errs = {}
+    for math in (FFMA, TF32, TF32X3):
+        vec, saved = emu_gram(emu, x, iters, math=math)
+        dx = emu_gram_backward(emu, g, x, saved, iters, math=math)
+        errs[math] = (rel_err(vec, ref_vec), rel_err(dx, ref_dx))
+    assert max(errs[FFMA]) < 5e-6 and max(errs[TF32X3]) < 5e-6, errs
+    assert 1e-5 < errs[TF32][0] < 5e-3 and 1e-5 < errs[TF32][1] < 5e-3, errs
+
+
+@pytest.mark.parametrize("recompute_t", [False, True])
+@pytest.mark.parametrize("iters", [1, 2, 5, 9])
+def test_gram_launches_per_op(emu, iters, recompute_t):
+    # Forward: normalisation (channel sums, centring, norm, division) + G + Z_1, for N >= 2
+    # Y_1 + (N-1) x (T_k + one launch for Y_{k+1} and Z_{k+1}, Z_N alone), then P and vec.
+    # Backward: normalisation + E + E W + H + Z_1 + dZ_1, for N >= 2 dY_1 + (N-1) x ([T_k]
+    # + dT + dY, dZ), then dXc, the finish kernel and the centring.
+    b, c, m = 2, 20, 9
+    dtype = torch.float32
+    x = gram_features(b, c, m, dtype, seed=1)
+    vec = nan_filled((b, c * (c + 1) // 2), dtype)
+    saved = nan_filled((b, gram_slots(iters, recompute_t), m, m), dtype)
+    fwd = launches(emu, emu_gram, emu, x, iters, recompute_t, False, FFMA, vec, saved)
+    bwd = launches(emu, emu_gram_backward, emu, vec, x, saved, iters)
+    steps = iters - 1
+    assert fwd == 8 + (1 + 2 * steps if iters > 1 else 0)
+    assert bwd == 12 + (1 + (3 if recompute_t else 2) * steps if iters > 1 else 0)
+
+
+@pytest.mark.parametrize("iters", [0, -1, 101])
+def test_gram_refuses_iters_out_of_range(emu, iters):
+    x = torch.randn(1, 3, 4, dtype=torch.float64)
+    vec, saved, dx = nan_filled((1, 6), x.dtype), nan_filled((1, 1, 4, 4), x.dtype), nan_filled((1, 3, 4), x.dtype)
+    assert emu.emu_isqrt_cov_gram_forward_f64(x.data_ptr(), 0, vec.data_ptr(), saved.data_ptr(), 1, 3, 4,
+                                              iters, 0, FFMA) != 0
+    assert emu.emu_isqrt_cov_gram_backward_f64(vec.data_ptr(), x.data_ptr(), 0, saved.data_ptr(),
+                                               dx.data_ptr(), 1, 3, 4, iters, 0, FFMA) != 0

@@ -24,6 +24,16 @@ def test_short_names():
     covpool_file_prep = ("_ZN6mpncov4cuda56_GLOBAL__N__fd2505ec_17_covpool_kernel_cu_c8c54cf1_"
                          "1552614sym_sum_kernelIfEEvPKT_PS3_il")
     assert not report.is_tile_kernel(covpool_file_prep)
+    # the Gram-space pipeline's tile kernel (and its TF32 variant) is checked like the others;
+    # its file name ("gram_kernel_cu") is not taken for a kernel name
+    gram = ("_ZN6mpncov4cuda52_GLOBAL__N__11b45367_14_gram_kernel_cu_4b66606d_944319"
+            "gram_product_kernelIfLi1EEEvNS1_15GramProductArgsIT_EE")
+    assert report.short_name(gram) == "gram_product_kernel<float, tf32>"
+    assert report.is_tile_kernel(gram) and report.is_mma_kernel(gram)
+    finish = gram.replace("19gram_product_kernelIfLi1EEEvNS1_15GramProductArgsIT_EE",
+                          "18gram_finish_kernelIfEEvPT_")
+    assert report.short_name(finish) == "gram_finish_kernel<float>"
+    assert not report.is_tile_kernel(finish)
 
 
 def test_parse_ptxas():

@@ -4,8 +4,9 @@
 //
 // Dtypes: float32 and float64 are computed natively; float16 and bfloat16 are computed
 // in float32 and the result is cast back to the input dtype (sqrtm's `saved` stays in
-// the compute dtype, and sqrtm_backward reads it in that dtype). sqrtm with more than
-// kMaxMirroredIters iterations computes float32 in float64 (csrc/limits.h).
+// the compute dtype, and sqrtm_backward reads it in that dtype; so does isqrt_cov_gram's).
+// sqrtm and isqrt_cov_gram with more than kMaxMirroredIters iterations compute float32 in
+// float64 (csrc/limits.h).
 //
 // The stream comes from c10/cuda/CUDAStream.h (the same stream at::cuda::
 // getCurrentCUDAStream returns); ATen/cuda/CUDAContext.h is avoided because it pulls in
@@ -24,10 +25,12 @@
 
 #include "../cpu/common.h"
 #include "../cpu/features.h"
+#include "../cpu/gram_args.h"
 #include "../gram_aten.h"
 #include "../limits.h"
 #include "aten_products.h"
 #include "covpool_kernel.cuh"
+#include "gram_kernel.cuh"
 #include "sqrtm_kernel.cuh"
 #include "sqrtm_on_chip.cuh"
 #include "triuvec_kernel.cuh"
@@ -79,7 +82,8 @@ void check_launch(cudaError_t err, const char* op) {
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // MPNCOV_CUDA_PRODUCTS (read at every call): "kernels" (default) runs the hand-written
-// kernels, "cublas" the same recurrences with ATen's batched matmul (aten_products.h).
+// kernels, "cublas" the same recurrences with ATen's batched matmul (aten_products.h, and
+// gram_aten.h for the Gram-space pipeline).
 bool use_cublas_products() {
   const char* v = std::getenv("MPNCOV_CUDA_PRODUCTS");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "kernels") == 0) return false;
@@ -89,7 +93,8 @@ bool use_cublas_products() {
 }
 
 // MPNCOV_CUDA_TF32 (read at every call): how the hand-written kernels compute float32
-// products (covpool, covpool_backward, the tiled sqrtm products; mma_tf32.cuh). "auto"
+// products (covpool, covpool_backward, the tiled sqrtm products, the Gram-space pipeline's
+// products; mma_tf32.cuh). "auto"
 // (default): TF32 tensor-core MMAs where torch allows TF32 for float32 matmuls
 // (torch.backends.cuda.matmul.allow_tf32, or torch.set_float32_matmul_precision other than
 // "highest"), else fp32-exact FFMA; "off": always FFMA; "on": always TF32; "3x": 3xTF32
@@ -350,26 +355,77 @@ Tensor triuvec_backward_cuda(const Tensor& grad, c10::SymInt n_sym) {
 }
 
 // ---- isqrt_cov_gram -----------------------------------------------------------------------
-// The Gram-space pipeline: batched ATen ops, its products in cuBLAS (csrc/gram_aten.h), with
-// the CPU kernel's dtype policy, saved layout and degenerate samples; token-major x is read
-// as it is (no transposed copy) and dX comes back in x's layout.
+// The Gram-space pipeline: the hand-written kernels (gram_kernel.cuh) by default, the
+// batched ATen form with its products in cuBLAS (csrc/gram_aten.h) with
+// MPNCOV_CUDA_PRODUCTS=cublas. Both follow the CPU kernel's checks, dtype policy (float16 /
+// bfloat16 in float32, float32 in float64 beyond kMaxMirroredIters steps; only vec in x's
+// dtype), saved layout and degenerate samples; token-major x is read as it is (no
+// transposed copy) and dX comes back in x's layout.
 
-std::tuple<Tensor, Tensor> isqrt_cov_gram_cuda(const Tensor& x, int64_t iters, bool recompute_t) {
-  check_tensor(x, "isqrt_cov_gram", "x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  return mpncov::isqrt_cov_gram_aten(x, iters, recompute_t);
+std::tuple<Tensor, Tensor> isqrt_cov_gram_cuda(const Tensor& x_in, int64_t iters,
+                                               bool recompute_t) {
+  const char* op = "isqrt_cov_gram";
+  check_tensor(x_in, op, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  if (use_cublas_products()) return mpncov::isqrt_cov_gram_aten(x_in, iters, recompute_t);
+  mpncov::check_features_input(x_in, op);
+  check_iters(iters, op);
+  const int64_t b = x_in.size(0), c = x_in.size(1), m = x_in.size(2);
+  const at::ScalarType ct = sqrtm_compute_dtype(x_in.scalar_type(), iters);
+  const auto opts = x_in.options().dtype(ct);
+  Tensor vec = at::empty({b, c * (c + 1) / 2}, opts);
+  Tensor saved = at::empty({b, mpncov::gram_saved_count(iters, recompute_t), m, m}, opts);
+  if (b == 0 || c == 0) return {vec.to(x_in.scalar_type()), saved};
+  mpncov::FeatureLayout layout;
+  const Tensor x = mpncov::features_in(x_in, ct, &layout);
+  const bool tokens = layout == mpncov::FeatureLayout::tokens;
+  AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_isqrt_cov_gram_cuda", [&] {
+    Tensor work = at::empty(
+        {mpncov::cuda::isqrt_cov_gram_forward_workspace<scalar_t>(b, c, m, iters, recompute_t)},
+        opts);
+    check_launch(mpncov::cuda::isqrt_cov_gram_forward<scalar_t>(
+                     x.data_ptr<scalar_t>(), tokens, vec.data_ptr<scalar_t>(),
+                     saved.data_ptr<scalar_t>(), work.data_ptr<scalar_t>(), b, c, m, iters,
+                     recompute_t, fp32_math(x_in), current_stream()),
+                 op);
+  });
+  return {vec.to(x_in.scalar_type()), saved};
 }
 
-Tensor isqrt_cov_gram_backward_cuda(const Tensor& grad, const Tensor& x, const Tensor& saved,
+Tensor isqrt_cov_gram_backward_cuda(const Tensor& grad, const Tensor& x_in, const Tensor& saved_in,
                                     int64_t iters) {
   const char* op = "isqrt_cov_gram_backward";
   check_tensor(grad, op, "grad");
-  check_tensor(x, op, "x");
-  check_tensor(saved, op, "saved");
-  check_same_device(grad, "grad", x, "x", op);
-  check_same_device(saved, "saved", x, "x", op);
-  const c10::cuda::CUDAGuard guard(x.device());
-  return mpncov::isqrt_cov_gram_backward_aten(grad, x, saved, iters);
+  check_tensor(x_in, op, "x");
+  check_tensor(saved_in, op, "saved");
+  check_same_device(grad, "grad", x_in, "x", op);
+  check_same_device(saved_in, "saved", x_in, "x", op);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  if (use_cublas_products()) return mpncov::isqrt_cov_gram_backward_aten(grad, x_in, saved_in, iters);
+  const bool recompute_t = mpncov::check_gram_backward_args(grad, x_in, saved_in, iters, op);
+  const int64_t b = x_in.size(0), c = x_in.size(1), m = x_in.size(2);
+  const at::ScalarType ct = sqrtm_compute_dtype(x_in.scalar_type(), iters);
+  Tensor dx = mpncov::empty_features_like(x_in, ct);
+  if (b == 0 || c == 0) return dx.zero_().to(x_in.scalar_type());
+  mpncov::FeatureLayout layout;
+  const Tensor x = mpncov::features_in(x_in, ct, &layout);
+  const bool tokens = layout == mpncov::FeatureLayout::tokens;
+  TORCH_INTERNAL_ASSERT(mpncov::is_token_major(dx) == tokens,
+                        "mpncov.isqrt_cov_gram_backward: dx and x in different layouts");
+  const Tensor g = grad.to(ct).contiguous();
+  const Tensor saved = saved_in.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "mpncov_isqrt_cov_gram_backward_cuda", [&] {
+    Tensor work = at::empty(
+        {mpncov::cuda::isqrt_cov_gram_backward_workspace<scalar_t>(b, c, m, iters, recompute_t)},
+        x.options());
+    check_launch(mpncov::cuda::isqrt_cov_gram_backward<scalar_t>(
+                     g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), tokens,
+                     saved.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+                     work.data_ptr<scalar_t>(), b, c, m, iters, recompute_t, fp32_math(x_in),
+                     current_stream()),
+                 op);
+  });
+  return dx.to(x_in.scalar_type());
 }
 
 }  // namespace

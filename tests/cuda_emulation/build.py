@@ -1,6 +1,6 @@
 """Build the CPU emulation of mpncov's CUDA kernels into a shared library (tests only).
 
-The torch-free sources of csrc/cuda are copied with each launch `kernel<<<grid, block,
+The torch-free sources of csrc/cuda (.cu and .cuh) are copied with each launch `kernel<<<grid, block,
 shared, stream>>>(args)` rewritten to `::emu::launch(grid, block, shared, stream, kernel,
 args)`, and compiled with g++ against the fake CUDA headers in include/ (see
 include/emu_runtime.h for what is emulated and what is not).
@@ -34,7 +34,9 @@ def build(out_dir: str | os.PathLike, cxx: str | None = None) -> pathlib.Path:
     # csrc/cuda includes "../limits.h": keep that relative layout.
     shutil.copy(CUDA_SRC.parent / "limits.h", out / "limits.h")
     for f in sorted(CUDA_SRC.iterdir()):
-        if f.suffix in (".cuh", ".h"):
+        if f.suffix == ".cuh":  # a header may launch kernels too (square_products.cuh)
+            (src / f.name).write_text(rewrite_launches(f.read_text()))
+        elif f.suffix == ".h":
             shutil.copy(f, src / f.name)
         elif f.suffix == ".cu":
             dst = src / (f.stem + ".cpp")
@@ -74,6 +76,8 @@ def load(out_dir: str | os.PathLike) -> ctypes.CDLL:
         "sqrtm_backward": [ptr, ptr, ptr, ptr, i64, i64, i64, cint, cint],
         "triuvec_forward": [ptr, ptr, i64, i64],
         "triuvec_backward": [ptr, ptr, i64, i64],
+        "isqrt_cov_gram_forward": [ptr, cint, ptr, ptr, i64, i64, i64, i64, cint, cint],
+        "isqrt_cov_gram_backward": [ptr, ptr, cint, ptr, ptr, i64, i64, i64, i64, cint, cint],
     }
     lib.emu_launches.argtypes = []
     lib.emu_launches.restype = ctypes.c_longlong

@@ -7,6 +7,7 @@
 
 #include "covpool_kernel.cuh"
 #include "emu_runtime.h"
+#include "gram_kernel.cuh"
 #include "sqrtm_kernel.cuh"
 #include "triuvec_kernel.cuh"
 
@@ -84,6 +85,34 @@ int triuvec_backward(const void* g, void* out, int64_t b, int64_t n) {
                                            nullptr);
 }
 
+// x: (b, c, m) channels first, or (tokens != 0) the (b, m, c) buffer of token-major features.
+template <typename T>
+int isqrt_cov_gram_forward(const void* x, int tokens, void* vec, void* saved, int64_t b,
+                           int64_t c, int64_t m, int64_t iters, int recompute_t, int math) {
+  auto w = scratch<T>(iters >= 1 && iters <= mpncov::kMaxIters
+                          ? mpncov::cuda::isqrt_cov_gram_forward_workspace<T>(b, c, m, iters,
+                                                                               recompute_t != 0)
+                          : 1);
+  return mpncov::cuda::isqrt_cov_gram_forward<T>(static_cast<const T*>(x), tokens != 0,
+                                                 static_cast<T*>(vec), static_cast<T*>(saved),
+                                                 w.data(), b, c, m, iters, recompute_t != 0,
+                                                 fp32_math(math), nullptr);
+}
+
+template <typename T>
+int isqrt_cov_gram_backward(const void* g, const void* x, int tokens, const void* saved,
+                            void* dx, int64_t b, int64_t c, int64_t m, int64_t iters,
+                            int recompute_t, int math) {
+  auto w = scratch<T>(iters >= 1 && iters <= mpncov::kMaxIters
+                          ? mpncov::cuda::isqrt_cov_gram_backward_workspace<T>(b, c, m, iters,
+                                                                                recompute_t != 0)
+                          : 1);
+  return mpncov::cuda::isqrt_cov_gram_backward<T>(
+      static_cast<const T*>(g), static_cast<const T*>(x), tokens != 0,
+      static_cast<const T*>(saved), static_cast<T*>(dx), w.data(), b, c, m, iters,
+      recompute_t != 0, fp32_math(math), nullptr);
+}
+
 }  // namespace
 
 #define MPNCOV_EMU_EXPORT(name, suffix, T, params, args) \
@@ -112,6 +141,15 @@ MPNCOV_EMU_EXPORT_BOTH(triuvec_forward, (const void* s, void* v, int64_t b, int6
                        (s, v, b, n))
 MPNCOV_EMU_EXPORT_BOTH(triuvec_backward, (const void* g, void* out, int64_t b, int64_t n),
                        (g, out, b, n))
+
+MPNCOV_EMU_EXPORT_BOTH(isqrt_cov_gram_forward,
+                       (const void* x, int tokens, void* vec, void* saved, int64_t b, int64_t c,
+                        int64_t m, int64_t it, int recompute_t, int math),
+                       (x, tokens, vec, saved, b, c, m, it, recompute_t, math))
+MPNCOV_EMU_EXPORT_BOTH(isqrt_cov_gram_backward,
+                       (const void* g, const void* x, int tokens, const void* saved, void* dx,
+                        int64_t b, int64_t c, int64_t m, int64_t it, int recompute_t, int math),
+                       (g, x, tokens, saved, dx, b, c, m, it, recompute_t, math))
 
 // Kernel launches made so far by the emulated launchers.
 extern "C" long long emu_launches() { return ::emu::launches; }
