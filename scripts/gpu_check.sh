@@ -7,22 +7,22 @@
 #   build.log        pip install -e . with CUDA (MAX_JOBS = cores, CUDA_HOME set)
 #   smoke.log        scripts/gpu_smoke.py under CUDA_LAUNCH_BLOCKING=1 (odd sizes, zero
 #                    trace, storage offset 1, channels_last, expanded gradient, B > 65535,
-#                    long mode, CUDA graph replay = eager, the Gram space on tokens;
-#                    kernels and cuBLAS products)
+#                    long mode, CUDA graph replay = eager, the Gram space on tokens and
+#                    channels first; kernels and cuBLAS products)
 #   sanitizer.log    compute-sanitizer memcheck, racecheck, synccheck on small shapes
 #   pytest-cuda.log  tests/test_cuda.py
 #   bench.log        the quick CUDA benchmark (fp32), four variants: all implementations with
 #                    mpncov's own kernels (sqrtm on chip where C <= 128), among them the
 #                    pipeline forced into each space (mpncov-cov, mpncov-gram: the Gram
-#                    space's products in cuBLAS), which says where "auto" should pick the
-#                    Gram space on CUDA (it keeps "cov" there so far); mpncov with sqrtm
-#                    tiled (MPNCOV_CUDA_SQRTM=tiled); mpncov with cuBLAS products; TF32
-#                    allowed (mpncov's kernels with TF32 tensor-core products, plain
-#                    autograd with TF32 cuBLAS)
+#                    space's own kernels), which says where "auto" should pick the Gram
+#                    space on CUDA (it keeps "cov" there so far); mpncov with sqrtm tiled
+#                    (MPNCOV_CUDA_SQRTM=tiled); mpncov and mpncov-gram with cuBLAS
+#                    products; TF32 allowed (mpncov's kernels with TF32 tensor-core
+#                    products, plain autograd with TF32 cuBLAS)
 #   bench.json       the variants' results.json merged
 #   profile.log      per-kernel profile of a training step, kernels and cuBLAS products,
-#                    at (B=128, C=256, M=196, N=5) and (B=128, C=128, M=784, N=3), and
-#                    the latter with sqrtm tiled
+#                    at (B=128, C=256, M=196, N=5) and (B=128, C=128, M=784, N=3), the
+#                    latter with sqrtm tiled, and the former in the Gram space
 #
 # Usage: bash scripts/gpu_check.sh [LOG_DIR]    (default benchmarks/results/gpu-<date>)
 #   DRY_RUN=1: on a machine without a GPU, run what can run (info, the smoke script on CPU
@@ -185,7 +185,7 @@ else
     --rounds 1 --dtypes fp32 --impls mpncov --ops sqrtm,pipeline
   BENCH_BUDGET=45
   bench cublas MPNCOV_CUDA_PRODUCTS=cublas -- --device cuda --quick --rounds 1 --dtypes fp32 \
-    --impls mpncov --ops sqrtm,pipeline
+    --impls mpncov,mpncov-gram --ops sqrtm,pipeline
   bench tf32 MPNCOV_CUDA_PRODUCTS=kernels MPNCOV_TF32=1 -- --device cuda \
     --quick --rounds 1 --dtypes fp32 --impls mpncov,mpncov-gram,autograd --ops sqrtm,pipeline
 fi
@@ -220,6 +220,10 @@ else
   step "profile-tiled-${shapes[1]//[=,]/}" 30 "$LOG_DIR/profile.log" \
     env MPNCOV_CUDA_PRODUCTS=kernels MPNCOV_CUDA_SQRTM=tiled \
     "$PYTHON" -m mpncov.benchmarks.profile_kernels --device cuda --impl mpncov --shape "${shapes[1]}"
+  # C = 256, M = 196: the Gram space's kernels, kernel by kernel.
+  step "profile-gram-${shapes[0]//[=,]/}" 30 "$LOG_DIR/profile.log" \
+    env MPNCOV_CUDA_PRODUCTS=kernels \
+    "$PYTHON" -m mpncov.benchmarks.profile_kernels --device cuda --impl mpncov-gram --shape "${shapes[0]}"
 fi
 
 nfiles=$(find "$LOG_DIR" -type f | wc -l)

@@ -208,10 +208,12 @@ def case_tf32(dev, quick):
 
 
 def case_gram_space(dev, quick):
-    """The pipeline in the Gram space (space="gram"; on CUDA batched ATen ops with cuBLAS
-    products, whatever MPNCOV_CUDA_PRODUCTS says) against the CPU's Gram space in float64,
-    as tokens (channel_dim=-1, read without a copy) and with a zero-trace sample."""
-    shapes = [(3, 37, 13, 5), (2, 9, 20, 1)] + ([] if quick else [(2, 256, 196, 5), (2, 64, 49, 12)])
+    """The pipeline in the Gram space (space="gram": the hand-written Gram kernels, or the
+    batched ATen form with MPNCOV_CUDA_PRODUCTS=cublas) against the CPU's Gram space in
+    float64, as tokens (channel_dim=-1, read without a copy) and channels first, with a
+    zero-trace sample; iters 12 is long mode (float32 computed in float64)."""
+    shapes = [(3, 37, 13, 5), (2, 9, 20, 1), (2, 70, 65, 3)]
+    shapes += [] if quick else [(2, 256, 196, 5), (2, 64, 49, 12)]
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32-exact cuBLAS for the tolerances
     try:
@@ -219,20 +221,25 @@ def case_gram_space(dev, quick):
             tokens = torch.randn(b, m, c, generator=gen(c + m), dtype=F64)
             tokens[-1] = 1.5  # constant features: zero output and gradient
             g = torch.randn(b, c * (c + 1) // 2, generator=gen(m), dtype=F64)
-            ref_out, ref_dx = gram(tokens, g, n)
-            for dtype, tol in ((torch.float32, 5e-4), (F64, 1e-10)):
-                out, dx = gram(tokens.to(dev, dtype), g.to(dev, dtype), n)
-                check_close(out, ref_out, tol, f"gram out C={c} M={m} iters={n} {dtype}")
-                check_close(dx, ref_dx, tol * 10, f"gram grad C={c} M={m} iters={n} {dtype}")
-                assert not out[-1].any() and not dx[-1].any(), "zero-trace sample not zero"
+            for layout in ("tokens", "channels first"):
+                # channels first: the same features as a contiguous (B, C, M)
+                feats = tokens if layout == "tokens" else tokens.transpose(1, 2).contiguous()
+                cdim = -1 if layout == "tokens" else 1
+                ref_out, ref_dx = gram(feats, g, n, cdim)
+                for dtype, tol in ((torch.float32, 5e-4), (F64, 1e-10)):
+                    out, dx = gram(feats.to(dev, dtype), g.to(dev, dtype), n, cdim)
+                    what = f"gram {layout} C={c} M={m} iters={n} {dtype}"
+                    check_close(out, ref_out, tol, f"{what} out")
+                    check_close(dx, ref_dx, tol * 10, f"{what} grad")
+                    assert not out[-1].any() and not dx[-1].any(), "zero-trace sample not zero"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def gram(tokens, g, iters):
-    tokens = tokens.detach().requires_grad_()
-    out = mpncov.isqrt_cov(tokens, iters=iters, channel_dim=-1, space="gram")
-    (dx,) = torch.autograd.grad(out, tokens, g)
+def gram(feats, g, iters, channel_dim):
+    feats = feats.detach().requires_grad_()
+    out = mpncov.isqrt_cov(feats, iters=iters, channel_dim=channel_dim, space="gram")
+    (dx,) = torch.autograd.grad(out, feats, g)
     return out.detach(), dx
 
 
