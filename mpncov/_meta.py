@@ -31,7 +31,8 @@ def features_like(x):
     """A tensor like the gradient the kernels return for features x (B, C, M), on every
     device: in x's layout when x is token-major (a transposed view of a contiguous
     (B, M, C) tensor, not itself contiguous), otherwise contiguous (csrc/cpu/features.h;
-    on CUDA csrc/gram_aten.cpp and covpool's cuBLAS path for such x)."""
+    on CUDA the Gram-space kernels, csrc/gram_aten.cpp and covpool's cuBLAS path for such
+    x)."""
     if not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
         b, c, m = x.shape
         return x.new_empty((b, m, c)).transpose(1, 2)
