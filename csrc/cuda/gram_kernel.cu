@@ -22,6 +22,7 @@
 #include "batched_gemm.cuh"
 #include "common.cuh"
 #include "square_products.cuh"
+#include "triuvec_kernel.cuh"  // triu_index
 
 namespace mpncov {
 namespace cuda {
@@ -38,12 +39,6 @@ struct Side {
   int urows, vcols;
   bool k_contig;
 };
-
-// Position of (i, j), i <= j, in the row-major upper triangle (diagonal included) of a
-// C x C matrix: triuvec's layout (as triuvec_kernel.cu's dev_triu_index).
-__device__ __forceinline__ int64_t triu_index(int64_t C, int64_t i, int64_t j) {
-  return i * C - i * (i - 1) / 2 + (j - i);
-}
 
 // What gram_product_kernel does with the product of a tile.
 enum GramEpilogue : int {

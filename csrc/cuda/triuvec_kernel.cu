@@ -8,10 +8,6 @@ namespace mpncov {
 namespace cuda {
 namespace {
 
-__device__ __forceinline__ int64_t dev_triu_index(int64_t n, int64_t i, int64_t j) {
-  return i * n - i * (i - 1) / 2 + (j - i);
-}
-
 // v[b, triu(i, j)] = s[b, i, j] for i <= j. total = batch * n * n.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -20,7 +16,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const auto [b, i, j] = matrix_index(idx, n);
-    if (i <= j) v[b * k + dev_triu_index(n, i, j)] = s[idx];
+    if (i <= j) v[b * k + triu_index(n, i, j)] = s[idx];
   }
 }
 
@@ -32,7 +28,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const auto [b, i, j] = matrix_index(idx, n);
-    out[idx] = i <= j ? g[b * k + dev_triu_index(n, i, j)] : T(0);
+    out[idx] = i <= j ? g[b * k + triu_index(n, i, j)] : T(0);
   }
 }
 
