@@ -188,6 +188,23 @@ def test_zero_nan_and_normal_samples_are_independent(iters):
     assert _err(out[keep], out_c[keep]) <= 1e-12 and _err(dx[keep], dx_c[keep]) <= 1e-12
 
 
+@pytest.mark.parametrize("recompute_t", [False, True])
+@pytest.mark.parametrize("iters", [1, 3, 12])
+def test_saved_iterates_of_a_degenerate_sample_are_defined(iters, recompute_t):
+    # The CPU buffer cache hands out memory that held NaN iterates a moment ago; a sample
+    # with constant features must still get its own (finite) iterates, those of W = 0 that
+    # the ATen form and the CUDA kernels store, so that either backward may read them.
+    x = _x((2, 9, 6), seed=12)
+    stale = torch.ops.mpncov.isqrt_cov_gram(torch.full_like(x, float("nan")), iters, recompute_t)
+    del stale
+    x[1] = 2.0
+    vec, saved = torch.ops.mpncov.isqrt_cov_gram(x, iters, recompute_t)
+    assert not vec[1].any()
+    assert torch.isfinite(saved[1]).all() and not saved[1, 0].any()  # slot 0 is G = 0
+    _, saved_aten = torch.ops.mpncov._isqrt_cov_gram_aten(x, iters, recompute_t)
+    assert _err(saved, saved_aten) <= 1e-12
+
+
 def test_tiny_float32_features_give_finite_results():
     x = (_x((3, 12, 5), seed=10) * 1e-20).float()
     g = _x((3, 78), seed=11).float()

@@ -249,6 +249,16 @@ def test_tiny_trace_does_not_overflow():
     assert torch.isfinite(d).all()
 
 
+def test_sqrtm_saved_of_a_zero_trace_sample_is_zero():
+    # Defined contents whatever the CPU buffer cache held before (NaN iterates here).
+    s = torch.eye(5, dtype=torch.float64).repeat(2, 1, 1)
+    stale = torch.ops.mpncov.sqrtm(torch.full_like(s, float("nan")), 4)
+    del stale
+    s[1] = 0
+    out, saved = torch.ops.mpncov.sqrtm(s, 4)
+    assert not out[1].any() and not saved[1].any() and saved[0].any()
+
+
 def test_zero_sample_does_not_affect_others():
     s = spd(3, 5)
     s[1] = 0

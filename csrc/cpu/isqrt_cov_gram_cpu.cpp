@@ -113,8 +113,10 @@ void gram_forward_sample(const T* x, T* vec, T* saved, T* scratch, const GramSha
   T* upper = p + C * M;
   T* z1 = upper + C * C;
   T* t_scratch = z1 + d.M * d.M;
+  // A degenerate sample runs through too, so that its saved iterates are defined (those of
+  // the ATen form and the CUDA kernels): ||Xc|| = 0 leaves W = Xc = 0, whose iterates are
+  // finite and whose output s P W^T is 0 (s = 0); ||Xc|| = NaN leaves the NaN in W and s.
   const double norm = normalised_features(x, w, d, acc);
-  if (!(norm > 0)) return fill_degenerate(vec, norm, d.K());
   const MatrixView<const T> wv = feature_view<const T>(w, C, M, d.layout);
   // G = W^T W
   T* g = gram_of(saved);

@@ -49,15 +49,20 @@ double trace_of(const scalar_t* m, int64_t C) {
   return t;
 }
 
-// The forward of one sample; `a` is scratch for A. Nothing of `it` is written when the
-// trace is not positive (the backward checks the trace again and never reads it).
+// The forward of one sample; `a` is scratch for A, `saved_sample` (saved_count values) the
+// sample's slice of `saved` that `it` describes. When the trace is not positive the slice is
+// zeroed (defined contents; the backward checks the trace again and never reads it).
 template <typename scalar_t>
 void sqrtm_forward_sample(const scalar_t* s, scalar_t* root_out,
-                          const NewtonSchulzIterates<scalar_t>& it, scalar_t* a) {
+                          const NewtonSchulzIterates<scalar_t>& it, scalar_t* saved_sample,
+                          int64_t saved_count, scalar_t* a) {
   const int64_t C = it.n, CC = C * C;
   using T = scalar_t;
   const double t = trace_of(s, C);
-  if (!(t > 0)) return fill_degenerate(root_out, t, CC);
+  if (!(t > 0)) {
+    std::fill(saved_sample, saved_sample + saved_count, T(0));
+    return fill_degenerate(root_out, t, CC);
+  }
   symmetric_part(a, s, T(0.5), C);
   divide_into(a, a, t, CC);
   newton_schulz(a, it);
@@ -81,7 +86,9 @@ std::tuple<at::Tensor, at::Tensor> sqrtm_cpu(const at::Tensor& s_in, int64_t ite
     scalar_t* vp = saved.data_ptr<scalar_t>();
     const int64_t CC = C * C, per_sample = count * CC;
     parallel_over_samples<scalar_t>(B, CC, [&](int64_t b, scalar_t* a) {
-      sqrtm_forward_sample(sp + b * CC, rp + b * CC, saved_iterates(vp + b * per_sample, N, C), a);
+      scalar_t* sample_saved = vp + b * per_sample;
+      sqrtm_forward_sample(sp + b * CC, rp + b * CC, saved_iterates(sample_saved, N, C),
+                           sample_saved, per_sample, a);
     });
   });
   return {root.to(s_in.scalar_type()), saved};
