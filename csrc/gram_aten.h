@@ -1,8 +1,9 @@
 // The Gram-space iSQRT-COV pipeline (ops isqrt_cov_gram / isqrt_cov_gram_backward) with every
 // step a batched ATen op: the same function, the same `saved` layout and the same degenerate
 // samples as the CPU kernels (csrc/cpu/isqrt_cov_gram_cpu.cpp, whose header has the math),
-// on any device. The CUDA binding registers it as the ops' CUDA kernel (its products run in
-// cuBLAS); the CPU build compiles it too and exposes it as the test-only ops
+// on any device. The CUDA binding runs it with MPNCOV_CUDA_PRODUCTS=cublas (products in
+// cuBLAS; the default is the hand-written kernels, cuda/gram_kernel.cuh); the CPU build
+// compiles it too and exposes it as the test-only ops
 // mpncov::_isqrt_cov_gram_aten / _isqrt_cov_gram_aten_backward, so that tests compare it
 // with the CPU kernels on a machine without a GPU. Torch ops only, no CUDA headers.
 #pragma once

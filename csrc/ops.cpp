@@ -46,7 +46,7 @@ TORCH_LIBRARY(mpncov, m) {
   // dX in x's dtype, laid out like covpool_backward's.
   m.def("isqrt_cov_gram_backward(Tensor grad, Tensor x, Tensor saved, int iters) -> Tensor");
   // Test-only (not public API): the Gram-space pipeline in batched ATen ops, the CUDA
-  // kernel of the two ops above (csrc/gram_aten.h), on any device, so that the CPU test
+  // cuBLAS path of the two ops above (csrc/gram_aten.h), on any device, so that the CPU test
   // suite can compare it with the CPU kernels. Same arguments and results as those ops.
   m.def("_isqrt_cov_gram_aten(Tensor x, int iters, bool recompute_t=False) -> (Tensor, Tensor)");
   m.def("_isqrt_cov_gram_aten_backward(Tensor grad, Tensor x, Tensor saved, int iters) -> Tensor");

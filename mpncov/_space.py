@@ -127,10 +127,10 @@ def has_gram_kernel(device_type: str) -> bool:
 _GRAM_DEVICES = frozenset(t for t in _DISPATCH_KEYS if has_gram_kernel(t))
 
 #: Devices whose times the cost model was fitted to, where space="auto" may pick the Gram
-#: space. Having a kernel is not enough: the CUDA Gram-space kernel (csrc/gram_aten.cpp,
-#: its products in cuBLAS) and the covariance space's hand-written kernels have other
-#: costs than the CPU's, and until a GPU run has measured where the Gram space pays there,
-#: "auto" keeps the covariance space on CUDA ("gram" still runs the Gram space).
+#: space. Having a kernel is not enough: the CUDA kernels of both spaces
+#: (csrc/cuda/gram_kernel.cu, covpool and sqrtm) have other costs than the CPU's, and until
+#: a GPU run has measured where the Gram space pays there, "auto" keeps the covariance space
+#: on CUDA ("gram" still runs the Gram space).
 COST_MODEL_DEVICES = frozenset({"cpu", "meta"})
 
 

@@ -284,7 +284,7 @@ def test_results_do_not_depend_on_threads():
 
 
 # Both implementations of the raw ops check their arguments: the CPU kernels and the batched
-# ATen one (the CUDA kernel; on CPU tensors through its test-only ops, tests/test_gram_aten.py).
+# ATen one (CUDA's cuBLAS path; on CPU tensors through its test-only ops, test_gram_aten.py).
 _RAW_OPS = {"cpu": (torch.ops.mpncov.isqrt_cov_gram, torch.ops.mpncov.isqrt_cov_gram_backward),
             "aten": (torch.ops.mpncov._isqrt_cov_gram_aten,
                      torch.ops.mpncov._isqrt_cov_gram_aten_backward)}

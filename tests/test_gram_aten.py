@@ -1,5 +1,5 @@
-"""The Gram-space pipeline in batched ATen ops (csrc/gram_aten.cpp), which is the CUDA kernel
-of isqrt_cov_gram / isqrt_cov_gram_backward (its products in cuBLAS), run here on CPU
+"""The Gram-space pipeline in batched ATen ops (csrc/gram_aten.cpp), the CUDA cuBLAS path
+of isqrt_cov_gram / isqrt_cov_gram_backward (MPNCOV_CUDA_PRODUCTS=cublas), run here on CPU
 tensors through the test-only ops mpncov::_isqrt_cov_gram_aten(_backward) and compared with
 the CPU kernels: the same function, the same saved iterates (the backward of either reads
 the other's), the same degenerate samples and dtype policy, both feature layouts."""

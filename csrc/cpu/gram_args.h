@@ -1,6 +1,7 @@
 // Arguments of the Gram-space pipeline's ops (isqrt_cov_gram, isqrt_cov_gram_backward),
-// checked by both of their implementations: the CPU kernels (isqrt_cov_gram_cpu.cpp) and
-// the batched ATen form that CUDA runs (gram_aten.cpp).
+// checked by all of their implementations: the CPU kernels (isqrt_cov_gram_cpu.cpp), the
+// CUDA binding of the hand-written kernels (cuda/ops_binding.cpp) and the batched ATen
+// form (gram_aten.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
